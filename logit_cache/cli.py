@@ -1,0 +1,213 @@
+"""The ``logit-cache`` command line: parse, call the library, print. No logic of its own."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .dump import DumpConfig, DumpResult, directory_bytes, dump, partial_path
+from .errors import LogitCacheError, UsageError
+from .manifest import Manifest, read_manifest
+from .spec import parse_json_kwargs
+
+
+def _fail(exc: LogitCacheError) -> None:
+    click.echo(f"error: {exc}", err=True)
+    sys.exit(1)
+
+
+def _human_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count} B"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", stream=sys.stderr)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="logit-cache")
+def main() -> None:
+    """Run a teacher once, cache its logits, distill from the cache.
+
+    \b
+    Typical use:
+      logit-cache dump --teacher teacher.pt --arch logit_cache.models:digits_mlp \\
+                       --dataset digits --out caches/digits-top5 --topk 5
+      logit-cache info caches/digits-top5
+    """
+
+
+@main.command("dump")
+@click.option("--teacher", "teacher", required=True, metavar="CKPT",
+              help="Teacher checkpoint: a state_dict (plain, {'model': ...}, Lightning, Composer; needs --arch), "
+                   "a TorchScript archive, a torch.export .pt2 archive, or a pickled nn.Module (needs --trust-checkpoint).")
+@click.option("--arch", metavar="MODULE:CALLABLE",
+              help="Builds the teacher's architecture for a state_dict, e.g. torchvision.models:resnet18 or models.py:make_net.")
+@click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object, e.g. '{\"num_classes\": 10}'.")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="Allow unpickling a whole nn.Module. Unpickling runs arbitrary code from the file: only for files you trust.")
+@click.option("--dataset", required=True, metavar="SPEC",
+              help="'digits' (built in, scikit-learn's handwritten digits) or MODULE:CALLABLE returning a map-style "
+                   "Dataset whose items are (input, label) or input.")
+@click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"test\"}'.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
+              help="Cache directory to create. Written as DIR.partial and renamed to DIR once complete.")
+@click.option("--topk", type=int, metavar="K", help="Store the K largest logits per row, their ids and the logsumexp of all logits.")
+@click.option("--full", is_flag=True, help="Store every logit (C values per row).")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="The distillation temperature you mean to use, recorded as the cache's default. Raw logits are "
+                   "stored, so any temperature can still be chosen when training.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True,
+              help="Storage dtype of logit values. float16 halves the bytes; float32 stores the teacher's values exactly.")
+@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default="zarr", show_default=True,
+              help="Shard backend: Zarr v3 groups (top-k compressed with Blosc-zstd) or HDF5 files.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Samples per teacher forward pass.")
+@click.option("--num-workers", type=int, default=None,
+              help="DataLoader worker processes [default: 0 on CPU, where workers compete with the teacher for cores; "
+                   "up to 8 with a GPU].")
+@click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True,
+              help="Teacher compute precision; bf16/fp16 run under torch.autocast. Top-k and logsumexp are always float32.")
+@click.option("--shard-rows", type=int, default=None,
+              help="Rows per shard [default: about 256 MiB of arrays per shard]. Smaller shards resume with less rework.")
+@click.option("--resume", is_flag=True, help="Continue an unfinished dump of the same settings at DIR.partial, keeping finished shards.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at DIR (only a directory holding a logit-cache manifest).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no log lines; only the summary and errors.")
+def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool, dataset: str,
+                 dataset_kwargs: str | None, out: Path, topk: int | None, full: bool, temperature: float, dtype: str,
+                 backend: str, batch_size: int, num_workers: int | None, device: str, precision: str,
+                 shard_rows: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
+    """Run a teacher over a dataset once and cache its logits.
+
+    Writes a cache directory (manifest.json and Zarr or HDF5 shards) holding, for every dataset index,
+    the teacher's full logits (--full) or its top-k logits, ids and logsumexp (--topk K).
+
+    \b
+    Examples:
+      logit-cache dump --teacher teacher.pt --arch logit_cache.models:digits_mlp \\
+          --dataset digits --out caches/digits-top5 --topk 5
+      logit-cache dump --teacher model.ts --dataset mydata:make_dataset --out caches/full --full --format hdf5
+      torchrun --nproc_per_node=2 -m logit_cache dump ...   # each rank writes its own shards
+    """
+    _setup_logging(quiet)
+    try:
+        if topk is not None and full:
+            raise UsageError("--topk and --full are exclusive: pass one of them")
+        config = DumpConfig(
+            teacher=teacher,
+            arch=arch,
+            arch_kwargs=parse_json_kwargs(arch_kwargs, "--arch-kwargs"),
+            trust_checkpoint=trust_checkpoint,
+            dataset=dataset,
+            dataset_kwargs=parse_json_kwargs(dataset_kwargs, "--dataset-kwargs"),
+            out=str(out),
+            mode="full" if full else "topk",
+            k=topk,
+            temperature=temperature,
+            dtype=dtype,
+            backend=backend,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            device=device,
+            precision=precision,
+            shard_rows=shard_rows,
+            resume=resume,
+            overwrite=overwrite,
+            quiet=quiet,
+        )
+        result = dump(config)
+    except LogitCacheError as exc:
+        _fail(exc)
+        return
+    if _rank() == 0:
+        click.echo(_summary(result))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _summary(result: DumpResult) -> str:
+    manifest = result.manifest
+    size = result.bytes_on_disk
+    what = f"top-{manifest.k}" if manifest.mode == "topk" else "full logits"
+    if result.reused:
+        return f"{result.out} is already complete ({what}, key {manifest.key}): nothing to do"
+    lines = [
+        f"wrote {result.out}: {what}, {manifest.dtype}, {manifest.backend}, {manifest.num_classes} classes",
+        f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} samples) in {len(manifest.shards)} shard(s)"
+        + (f", {result.resumed_shards} kept from the unfinished dump" if result.resumed_shards else ""),
+        f"  on disk     {_human_bytes(size)} ({size / max(1, manifest.num_samples):,.1f} B/sample)",
+        f"  time        {result.seconds:.2f} s ({result.samples_per_second:,.0f} samples/s computed)",
+    ]
+    if result.mean_topk_mass is not None:
+        lines.append(f"  top-{manifest.k} mass  {result.mean_topk_mass:.4f} (mean probability mass at T=1)")
+    lines.append(f"  key         {manifest.key}")
+    return "\n".join(lines)
+
+
+def _info_record(path: Path, manifest: Manifest) -> dict[str, Any]:
+    size = directory_bytes(path)
+    return {
+        "path": str(path),
+        "complete": manifest.complete,
+        "bytes_on_disk": size,
+        "bytes_per_sample": size / max(1, manifest.num_samples),
+        "bytes_per_row": size / max(1, manifest.num_rows),
+        "manifest": manifest.to_dict(),
+    }
+
+
+@main.command("info")
+@click.argument("cache", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: the manifest plus size figures.")
+def info_command(cache: Path, as_json: bool) -> None:
+    """Show what a cache holds: its manifest and its size on disk.
+
+    An unfinished dump (CACHE.partial) is shown too, marked INCOMPLETE.
+    """
+    try:
+        path = cache
+        if not path.exists() and partial_path(path).exists():
+            path = partial_path(path)
+        manifest = read_manifest(path)
+    except LogitCacheError as exc:
+        _fail(exc)
+        return
+    record = _info_record(path, manifest)
+    if as_json:
+        click.echo(json.dumps(record, indent=2))
+        return
+    teacher, data = manifest.teacher, manifest.dataset
+    what = f"top-{manifest.k}" if manifest.mode == "topk" else manifest.mode
+    lines = [
+        f"{path}" + ("" if manifest.complete else "   INCOMPLETE (resume the dump with --resume)"),
+        f"  key          {manifest.key}   (format v{manifest.format_version}, logit-cache {manifest.tool_version}, "
+        f"torch {manifest.torch_version}, created {manifest.created_at})",
+        f"  content      {what} of {manifest.num_classes} classes, {manifest.dtype}, {manifest.backend}, "
+        f"temperature {manifest.temperature:g}",
+        f"  rows         {manifest.num_rows:,} ({manifest.num_samples:,} samples x {manifest.views} view(s)) in "
+        f"{len(manifest.shards)} shard(s), {manifest.chunk_rows} rows per chunk",
+        f"  teacher      {teacher.get('path')} ({teacher.get('format')}/{teacher.get('layout', '')}, "
+        f"sha256 {str(teacher.get('sha256'))[:12]}, arch {teacher.get('arch')})",
+        f"  dataset      {data.get('spec')} {json.dumps(data.get('kwargs', {}))} ({data.get('length'):,} items, "
+        f"fingerprint {str(data.get('fingerprint'))[:12]})",
+        "  arrays       " + ", ".join(f"{name} {spec['dtype']}{spec['row_shape']}" for name, spec in manifest.arrays.items()),
+        f"  on disk      {_human_bytes(record['bytes_on_disk'])} ({record['bytes_per_sample']:,.1f} B/sample)",
+    ]
+    click.echo("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""Resolve a dataset spec to a torch Dataset; the built-in data sets; the dataset fingerprint.
+
+A spec is either the name of a built-in data set (``digits``) or ``module:callable`` returning a
+map-style dataset (``__len__`` and ``__getitem__``) whose items are ``(input, label)`` or
+``input`` alone, inputs being tensors or dicts of tensors (a dict is passed to the model as keyword
+arguments). ``--dataset-kwargs`` are passed to the callable (or the built-in).
+
+Built-in ``digits``: scikit-learn's copy of the UCI optical handwritten digits (1,797 8x8 images,
+10 classes, shipped inside scikit-learn, so nothing is downloaded). Inputs are float32 tensors
+``(1, 8, 8)`` scaled to [0, 1]; labels are ints. The split is fixed: a permutation of all indices
+by ``numpy.random.default_rng(0)``; the first 1,437 (80%) are ``train``, the other 360 ``test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .errors import DatasetError, SpecError
+from .fingerprint import dataset_fingerprint
+from .spec import resolve_callable
+
+DIGITS_SPLIT_SEED = 0
+DIGITS_TRAIN_SIZE = 1437
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's handwritten digits with the fixed split described in the module docstring."""
+
+    def __init__(self, split: str = "train") -> None:
+        if split not in ("train", "test", "all"):
+            raise DatasetError(f"digits: split {split!r} is not one of 'train', 'test', 'all'")
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError as exc:
+            raise DatasetError(
+                "the built-in 'digits' data set needs scikit-learn: pip install 'logit-cache[digits]' (or scikit-learn)"
+            ) from exc
+        bunch = load_digits()
+        order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(bunch.target))
+        chosen = {"train": order[:DIGITS_TRAIN_SIZE], "test": order[DIGITS_TRAIN_SIZE:], "all": np.arange(len(order))}[split]
+        self.split = split
+        self.images = torch.from_numpy((bunch.data[chosen] / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
+        self.labels = torch.from_numpy(bunch.target[chosen].astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index], int(self.labels[index])
+
+
+BUILTIN_DATASETS = {"digits": DigitsDataset}
+
+
+@dataclass(frozen=True)
+class ResolvedDataset:
+    """A dataset with what the manifest records about it and the shape of its items."""
+
+    dataset: Any
+    spec: str
+    kwargs: dict[str, Any]
+    has_labels: bool
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def fingerprint(self) -> str:
+        return dataset_fingerprint(self.dataset, self.spec, self.kwargs)
+
+    def manifest_entry(self, fingerprint: str) -> dict[str, Any]:
+        return {"spec": self.spec, "kwargs": self.kwargs, "length": len(self.dataset), "fingerprint": fingerprint}
+
+
+def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> ResolvedDataset:
+    """Build the dataset a spec names and check that it is usable (length, first item)."""
+    kwargs = dict(kwargs or {})
+    if spec in BUILTIN_DATASETS:
+        factory: Any = BUILTIN_DATASETS[spec]
+    elif ":" in spec:
+        try:
+            factory = resolve_callable(spec, "--dataset")
+        except SpecError as exc:
+            raise DatasetError(str(exc)) from exc
+    else:
+        raise DatasetError(
+            f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) nor MODULE:CALLABLE"
+        )
+    try:
+        dataset = factory(**kwargs)
+    except DatasetError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"--dataset {spec!r} with kwargs {kwargs} failed to build: {exc!r}") from exc
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise DatasetError(
+            f"--dataset {spec!r} returned a {type(dataset).__name__}, not a map-style dataset "
+            f"(it needs __len__ and __getitem__; iterable datasets cannot be aligned by index)"
+        )
+    length = len(dataset)
+    if length == 0:
+        raise DatasetError(f"--dataset {spec!r} is empty: nothing to cache")
+    try:
+        first = dataset[0]
+    except Exception as exc:
+        raise DatasetError(f"--dataset {spec!r}: reading item 0 failed: {exc!r}") from exc
+    return ResolvedDataset(dataset, spec, kwargs, has_labels=_split_item(first, spec)[1] is not None)
+
+
+def _split_item(item: Any, spec: str) -> tuple[Any, Any]:
+    """``(input, label)`` of an item; label is None for input-only items."""
+    if isinstance(item, (tuple, list)):
+        if len(item) == 2:
+            inputs, label = item
+            if not _is_class_label(label):
+                raise DatasetError(
+                    f"--dataset {spec!r}: item 0 is a pair whose second element ({type(label).__name__}"
+                    f"{tuple(label.shape) if isinstance(label, torch.Tensor) else ''}) is not an integer class label"
+                )
+            return inputs, label
+        if len(item) == 1:
+            return item[0], None
+        raise DatasetError(f"--dataset {spec!r}: items must be (input, label) or input alone, got a {len(item)}-tuple")
+    return item, None
+
+
+def _is_class_label(label: Any) -> bool:
+    """An int, or a 0-d integer tensor/array: what per-sample classification labels are."""
+    if isinstance(label, bool):
+        return False
+    if isinstance(label, (int, np.integer)):
+        return True
+    if isinstance(label, torch.Tensor):
+        return label.ndim == 0 and not label.dtype.is_floating_point and label.dtype != torch.bool
+    if isinstance(label, np.ndarray):
+        return label.ndim == 0 and np.issubdtype(label.dtype, np.integer)
+    return False
+
+
+def split_batch(batch: Any, has_labels: bool) -> tuple[Any, Any]:
+    """Split a collated batch into (inputs, labels or None)."""
+    if has_labels:
+        inputs, labels = batch
+        return inputs, labels
+    if isinstance(batch, (tuple, list)) and len(batch) == 1:
+        return batch[0], None
+    return batch, None

@@ -1,0 +1,688 @@
+"""The inference stage: teacher + dataset -> encoded logits -> shards + manifest.
+
+Flow (DESIGN.md section 1): resolve the dataset and hash the teacher file (the cache key needs no
+weights), check the output place, load the teacher, run it once on item 0 to learn the class
+count, plan shards, then stream batches through the teacher on the device, encode them there
+(top-k, logsumexp, NaN checks) and hand small host arrays to the writer thread. Batches never
+cross a shard boundary, and shard boundaries depend only on the data and ``shard_rows``; so a
+resumed or multi-rank dump computes exactly the batches an uninterrupted single-process one does.
+
+Output safety: everything is written under ``OUT.partial`` and renamed to ``OUT`` only after the
+manifest says ``complete: true``, so ``OUT`` existing means a whole cache, whatever happened.
+
+Multi-process: under ``torchrun`` (``WORLD_SIZE > 1``) each rank takes a contiguous run of shards;
+rank 0 prepares the directory before and writes the manifest after every rank finished. Every
+phase ends in a collective check, so an error on one rank stops all of them with its message.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import logging
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, default_collate
+from tqdm.auto import tqdm
+
+from . import __version__
+from .datasets import ResolvedDataset, resolve_dataset, split_batch
+from .errors import (
+    CacheFormatError,
+    CheckpointNotFoundError,
+    LogitCacheError,
+    NonFiniteLogitsError,
+    OutputExistsError,
+    TeacherOutputError,
+    UsageError,
+)
+from .fingerprint import content_key, file_sha256
+from .manifest import (
+    BACKENDS,
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    VALUE_DTYPES,
+    Manifest,
+    read_manifest,
+    write_manifest,
+)
+from .store import ArraySpec, get_backend
+from .targets import encode, index_dtype
+from .teacher import Teacher, load_teacher
+from .writer import (
+    PROGRESS_DIR,
+    ShardedWriter,
+    ShardPlan,
+    discard_unfinished,
+    plan_shards,
+    read_progress,
+    remove_path,
+    split_for_rank,
+)
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: A chunk (the reader's unit of I/O) holds about this many bytes of its widest array.
+CHUNK_TARGET_BYTES = 1 << 20
+MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 1 << 16
+#: Default shard size: few enough files for big caches, small enough to resume cheaply.
+SHARD_TARGET_BYTES = 256 << 20
+
+
+@dataclass
+class DumpConfig:
+    """What ``logit-cache dump`` was asked to do (one field per CLI option)."""
+
+    teacher: str
+    dataset: str
+    out: str
+    mode: str = "topk"
+    k: int | None = None
+    arch: str | None = None
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    trust_checkpoint: bool = False
+    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
+    temperature: float = 1.0
+    dtype: str = "float16"
+    backend: str = "zarr"
+    batch_size: int = 256
+    num_workers: int | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    shard_rows: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+    views: int = 1
+    seed: int | None = None
+
+    def validate(self) -> None:
+        """Reject bad or incompatible options before any work (or any file) is done."""
+        if self.mode == "topk":
+            if self.k is None:
+                raise UsageError("choose what to store: --topk K (the K largest logits per row) or --full")
+            if self.k < 1:
+                raise UsageError(f"--topk must be >= 1, got {self.k}")
+        elif self.mode == "full":
+            if self.k is not None:
+                raise UsageError("--topk and --full are exclusive: pass one of them")
+        else:
+            raise UsageError(f"unknown mode {self.mode!r}; use --topk K or --full")
+        if self.dtype not in VALUE_DTYPES:
+            raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--format {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.precision not in PRECISIONS:
+            raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.num_workers is not None and self.num_workers < 0:
+            raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
+        if self.shard_rows is not None and self.shard_rows < self.views:
+            raise UsageError(f"--shard-rows must be >= {self.views} (one sample's rows), got {self.shard_rows}")
+        if not self.temperature > 0:
+            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
+        if self.resume and self.overwrite:
+            raise UsageError("--resume and --overwrite are exclusive: resume keeps finished shards, overwrite discards them")
+        if self.views != 1:
+            raise UsageError("--views other than 1 is not supported yet")
+
+
+@dataclass
+class DumpResult:
+    """What a dump did, for the CLI summary and for callers."""
+
+    out: Path
+    manifest: Manifest
+    reused: bool
+    rows_computed: int
+    resumed_shards: int
+    seconds: float
+    bytes_on_disk: int
+    mean_topk_mass: float | None
+
+    @property
+    def samples_per_second(self) -> float:
+        samples = self.rows_computed / self.manifest.views
+        return samples / self.seconds if self.seconds > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------------------------------
+# Devices, distribution, small helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    owns_group: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device_kind: str) -> _Dist:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    owns = False
+    if not dist.is_initialized():
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl" if device_kind == "cuda" else "gloo")
+        owns = True
+    return _Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), owns)
+
+
+def _sync(dist_info: _Dist, error: BaseException | None) -> None:
+    """End a phase: if any rank failed, every rank raises (the failing one its own error)."""
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        flag = torch.tensor([0 if error is None else 1], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+        if error is None and flag.item() > 0:
+            raise LogitCacheError(f"rank {dist_info.rank}: stopping because another rank failed (see its message)")
+    if error is not None:
+        raise error
+
+
+def _phase(dist_info: _Dist, fn: Any, *args: Any) -> Any:
+    """Run ``fn`` on this rank, then :func:`_sync` so errors reach every rank."""
+    try:
+        result = fn(*args)
+    except BaseException as exc:
+        _sync(dist_info, exc)
+        raise
+    _sync(dist_info, None)
+    return result
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` means the GPU when there is one; ``cuda`` under torchrun means this rank's GPU."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(spec)
+    except RuntimeError as exc:
+        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {spec} asked for a GPU, but torch sees none; use --device cpu (or auto)")
+        index = device.index if device.index is not None else local_rank
+        if index >= torch.cuda.device_count():
+            raise UsageError(f"--device {spec}: GPU {index} does not exist (torch sees {torch.cuda.device_count()})")
+        device = torch.device("cuda", index)
+    elif device.type != "cpu":
+        raise UsageError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, Mapping):
+        return {key: _to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(item, device) for item in value)
+    return value
+
+
+def run_teacher(module: Any, inputs: Any) -> torch.Tensor:
+    """Call the teacher: dict inputs become keyword arguments; ``.logits`` outputs are unwrapped."""
+    output = module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
+    if not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
+        output = output.logits
+    if not isinstance(output, torch.Tensor):
+        raise TeacherOutputError(
+            f"the teacher returned a {type(output).__name__}; expected a tensor of logits [batch, classes] "
+            f"(or an object with a .logits tensor)"
+        )
+    return output
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    dtype = PRECISIONS[precision]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (what the cache costs on disk, before block rounding)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def partial_path(out: Path) -> Path:
+    return out.with_name(out.name + ".partial")
+
+
+def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool) -> list[ArraySpec]:
+    """The arrays every shard holds, with names, dtypes and row shapes of the cache format."""
+    if mode == "full":
+        specs = [ArraySpec("logits", dtype, (num_classes,))]
+    else:
+        assert k is not None
+        specs = [
+            ArraySpec("topk_logits", dtype, (k,), compress=True),
+            ArraySpec("topk_indices", index_dtype(num_classes).name, (k,), compress=True),
+            ArraySpec("logsumexp", "float32", (), compress=True),
+        ]
+    if has_labels:
+        specs.append(ArraySpec("labels", "int64", (), per="sample", compress=True))
+    return specs
+
+
+def chunk_and_shard_rows(specs: list[ArraySpec], shard_rows: int | None, views: int, num_rows: int) -> tuple[int, int]:
+    """Rows per chunk and rows per shard.
+
+    A chunk holds about 1 MiB of the widest array (a power of two of rows), but never much more
+    rows than the cache has: edge chunks take their full size on disk when uncompressed.
+    """
+    row_specs = [spec for spec in specs if spec.per == "row"]
+    widest = max(spec.row_bytes for spec in row_specs)
+    chunk = 1 << max(0, (CHUNK_TARGET_BYTES // widest).bit_length() - 1)
+    chunk = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, chunk), max(MIN_CHUNK_ROWS, 1 << (num_rows - 1).bit_length()))
+    if shard_rows is None:
+        per_row = sum(spec.row_bytes for spec in row_specs)
+        shard_rows = max(chunk, (SHARD_TARGET_BYTES // per_row) // chunk * chunk)
+    shard_rows -= shard_rows % views
+    return min(chunk, shard_rows), shard_rows
+
+
+def make_batches(plans: list[ShardPlan], batch_size: int) -> list[tuple[ShardPlan, list[int]]]:
+    """Batches of sample indices that never cross a shard boundary, in order."""
+    return [
+        (plan, list(range(start, min(plan.sample_stop, start + batch_size))))
+        for plan in plans
+        for start in range(plan.sample_start, plan.sample_stop, batch_size)
+    ]
+
+
+def make_loader(resolved: ResolvedDataset, batches: list[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
+    """The DataLoader the dump (and the benchmark's bare-inference baseline) iterate."""
+    return DataLoader(
+        resolved.dataset,
+        batch_sampler=batches,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        collate_fn=default_collate,
+        prefetch_factor=4 if num_workers > 0 else None,
+    )
+
+
+def default_num_workers(device: torch.device) -> int:
+    """No workers on the CPU (they would compete with the teacher for cores); some on a GPU."""
+    if device.type == "cpu":
+        return 0
+    return min(8, max(1, (os.cpu_count() or 2) - 1))
+
+
+# --------------------------------------------------------------------------------------------------
+# The dump
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Prepared:
+    """Everything decided before the first batch runs."""
+
+    config: DumpConfig
+    out: Path
+    work: Path
+    device: torch.device
+    resolved: ResolvedDataset
+    teacher_sha256: str
+    fingerprint: str
+    key: str
+
+
+def _check_output(config: DumpConfig, out: Path, key: str) -> Manifest | None:
+    """Refuse to clobber; return the existing complete manifest when ``--resume`` finds it done."""
+    work = partial_path(out)
+    if out.exists():
+        has_manifest = (out / MANIFEST_NAME).is_file()
+        if config.resume and has_manifest:
+            manifest = read_manifest(out)
+            if manifest.complete and manifest.key == key and manifest.backend == config.backend:
+                return manifest
+            raise OutputExistsError(
+                f"{out} holds a complete cache of other content (key {manifest.key}, backend {manifest.backend}; "
+                f"this dump's key is {key}, backend {config.backend}); pass --overwrite to replace it or choose another --out"
+            )
+        if not config.overwrite:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        if not has_manifest and (out.is_file() or any(out.iterdir())):
+            raise OutputExistsError(
+                f"{out} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with "
+                f"--overwrite; choose another --out"
+            )
+    if work.exists() and not (config.resume or config.overwrite):
+        raise OutputExistsError(
+            f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
+        )
+    return None
+
+
+def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest | None]:
+    config.validate()
+    device = resolve_device(config.device, dist_info.local_rank)
+    out = Path(config.out)
+    teacher_path = Path(config.teacher)
+    if not teacher_path.exists():
+        raise CheckpointNotFoundError(f"--teacher {config.teacher}: no such file")
+    resolved = resolve_dataset(config.dataset, config.dataset_kwargs)
+    teacher_sha256 = file_sha256(teacher_path)
+    fingerprint = resolved.fingerprint()
+    key = content_key(
+        teacher_sha256=teacher_sha256,
+        dataset_fingerprint=fingerprint,
+        mode=config.mode,
+        k=config.k,
+        views=config.views,
+        seed=config.seed,
+        dtype=config.dtype,
+        format_version=FORMAT_VERSION,
+    )
+    done = _check_output(config, out, key)
+    return _Prepared(config, out, partial_path(out), device, resolved, teacher_sha256, fingerprint, key), done
+
+
+def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
+    """Run the teacher on item 0 to learn the class count and check the output's shape."""
+    batch = default_collate([prepared.resolved.dataset[0]])
+    inputs, _ = split_batch(batch, prepared.resolved.has_labels)
+    with torch.inference_mode(), _autocast(prepared.device, prepared.config.precision):
+        logits = run_teacher(teacher.module, _to_device(inputs, prepared.device))
+    if logits.dim() == 3:
+        raise TeacherOutputError(
+            f"the teacher returned logits of shape {tuple(logits.shape)} ([batch, tokens, vocab]); per-token "
+            f"(language-model) caches are not supported by this version: it caches one distribution per sample"
+        )
+    if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
+        raise TeacherOutputError(
+            f"for a batch of 1 the teacher returned shape {tuple(logits.shape)}; expected [1, classes]"
+        )
+    num_classes = int(logits.shape[1])
+    if prepared.config.mode == "topk" and prepared.config.k > num_classes:
+        raise UsageError(
+            f"--topk {prepared.config.k} exceeds the teacher's {num_classes} classes; use --topk <= {num_classes} or --full"
+        )
+    return num_classes
+
+
+def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], num_classes: int,
+                          chunk_rows: int, shard_rows: int, plans: list[ShardPlan], dist_info: _Dist) -> Manifest:
+    config = prepared.config
+    return Manifest(
+        backend=config.backend,
+        mode=config.mode,
+        k=config.k,
+        num_classes=num_classes,
+        dtype=config.dtype,
+        temperature=config.temperature,
+        num_samples=len(prepared.resolved),
+        num_rows=plans[-1].row_stop,
+        views=config.views,
+        seed=config.seed,
+        per_token=False,
+        teacher=teacher.manifest_entry(),
+        dataset=prepared.resolved.manifest_entry(prepared.fingerprint),
+        key=prepared.key,
+        shards=[],
+        complete=False,
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        tool_version=__version__,
+        torch_version=torch.__version__,
+        chunk_rows=chunk_rows,
+        shard_rows=shard_rows,
+        arrays={spec.name: spec.to_json() for spec in specs},
+        dump={
+            "device": str(prepared.device),
+            "precision": config.precision,
+            "batch_size": config.batch_size,
+            "world_size": dist_info.world_size,
+        },
+    )
+
+
+#: Fields that must agree between an unfinished dump and the one resuming it.
+_RESUME_FIELDS = ("key", "backend", "mode", "k", "dtype", "num_classes", "num_rows", "chunk_rows", "shard_rows", "arrays")
+
+
+def _prepare_directory(prepared: _Prepared, manifest: Manifest, plans: list[ShardPlan]) -> Manifest:
+    """Rank 0: create ``OUT.partial`` or, on resume, check it matches and clear unfinished shards."""
+    work, config = prepared.work, prepared.config
+    backend = get_backend(config.backend)
+    if work.exists() and config.overwrite:
+        remove_path(work)
+    if work.exists():
+        try:
+            previous = read_manifest(work)
+        except CacheFormatError as exc:
+            raise CacheFormatError(
+                f"{work} is an unfinished dump whose manifest cannot be read ({exc}); pass --overwrite to start over"
+            ) from exc
+        now, before = manifest.to_dict(), previous.to_dict()
+        differ = [name for name in _RESUME_FIELDS if now[name] != before[name]]
+        if differ:
+            detail = "; ".join(f"{name}: was {before[name]!r}, now {now[name]!r}" for name in differ)
+            raise UsageError(
+                f"--resume: the unfinished dump at {work} was started with other settings ({detail}); rerun it with "
+                f"the original options, or pass --overwrite to start over"
+            )
+        manifest.created_at = previous.created_at
+        kept = 0
+        for plan in plans:
+            if read_progress(work, backend, plan) is None:
+                discard_unfinished(work, backend, plan)
+            else:
+                kept += 1
+        log.info("resuming %s: %d of %d shards already written", work, kept, len(plans))
+    else:
+        work.mkdir(parents=True)
+        (work / PROGRESS_DIR).mkdir()
+        log.info("dumping into %s (renamed to %s when complete)", work, prepared.out)
+    write_manifest(work, manifest)
+    return manifest
+
+
+def _host_producer(
+    encoded: dict[str, torch.Tensor],
+    nonfinite: torch.Tensor,
+    overflow: torch.Tensor,
+    labels: torch.Tensor | None,
+    indices: list[int],
+    event: Any,
+    ids_dtype: np.dtype,
+    dtype: str,
+) -> Any:
+    """A callable for the writer thread: wait for the copies, check for bad rows, convert to numpy."""
+
+    def produce() -> dict[str, np.ndarray]:
+        if event is not None:
+            event.synchronize()
+        bad = nonfinite.numpy()
+        if bad.any():
+            rows = [indices[i] for i in np.flatnonzero(bad)]
+            shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
+            raise NonFiniteLogitsError(
+                f"the teacher produced NaN or infinite logits for dataset indices {shown}; nothing is stored "
+                f"for them. Check the teacher and these inputs (the unfinished dump is kept for --resume)"
+            )
+        over = overflow.numpy()
+        if over.any():
+            rows = [indices[i] for i in np.flatnonzero(over)][:20]
+            raise NonFiniteLogitsError(
+                f"logits of dataset indices {', '.join(map(str, rows))} do not fit --dtype {dtype} "
+                f"(|logit| > 65504 in float16); dump with --dtype float32"
+            )
+        arrays = {name: tensor.numpy() for name, tensor in encoded.items()}
+        if "topk_indices" in arrays:
+            arrays["topk_indices"] = arrays["topk_indices"].astype(ids_dtype)
+        if labels is not None:
+            arrays["labels"] = labels.numpy().astype(np.int64, copy=False)
+        return arrays
+
+    return produce
+
+
+def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], chunk_rows: int,
+                todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float]:
+    """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass)."""
+    config, device = prepared.config, prepared.device
+    if not todo:
+        return 0, 0.0
+    backend = get_backend(config.backend)
+    batches = make_batches(todo, config.batch_size)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
+    loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda")
+    ids_dtype = index_dtype(num_classes)
+    attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
+    writer = ShardedWriter(prepared.work, backend, specs, chunk_rows, attrs)
+    mass_total = torch.zeros((), dtype=torch.float64, device=device)
+    rows = 0
+    total = sum(plan.num_samples for plan in todo)
+    bar = tqdm(total=total, unit="sample", unit_scale=True, desc="dump", disable=None if show_progress else True)
+    try:
+        with torch.inference_mode():
+            for position, ((plan, indices), batch) in enumerate(zip(batches, loader, strict=True)):
+                inputs, labels = split_batch(batch, prepared.resolved.has_labels)
+                with _autocast(device, config.precision):
+                    logits = run_teacher(teacher.module, _to_device(inputs, device))  # (B, C)
+                if logits.shape != (len(indices), num_classes):
+                    raise TeacherOutputError(
+                        f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "
+                        f"{tuple(logits.shape)}; expected {(len(indices), num_classes)}"
+                    )
+                encoded = encode(logits, config.mode, config.k, config.dtype)
+                mass_total += encoded.topk_mass
+                host = {name: t.to("cpu", non_blocking=True) for name, t in encoded.arrays.items()}
+                nonfinite = encoded.nonfinite.to("cpu", non_blocking=True)
+                overflow = encoded.overflow.to("cpu", non_blocking=True)
+                event = None
+                if device.type == "cuda":
+                    event = torch.cuda.Event()
+                    event.record()
+                writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, ids_dtype, config.dtype))
+                if position + 1 == len(batches) or batches[position + 1][0] != plan:
+                    writer.end_shard(plan)
+                rows += len(indices) * config.views
+                bar.update(len(indices))
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return rows, float(mass_total.item())
+
+
+def _finalize(prepared: _Prepared, manifest: Manifest, plans: list[ShardPlan], seconds: float) -> Manifest:
+    """Rank 0: gather every shard's record, write the complete manifest, rename into place."""
+    work, out = prepared.work, prepared.out
+    backend = get_backend(prepared.config.backend)
+    entries = []
+    for plan in plans:
+        entry = read_progress(work, backend, plan)
+        if entry is None:
+            raise CacheFormatError(f"{work}: shard {plan.index} is missing after every rank finished; rerun with --resume")
+        entries.append(entry)
+    manifest.shards = entries
+    manifest.complete = True
+    manifest.dump["seconds"] = round(seconds, 3)
+    write_manifest(work, manifest)
+    remove_path(work / PROGRESS_DIR)
+    if out.exists():
+        old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+        out.rename(old)
+        work.rename(out)
+        remove_path(old)
+    else:
+        work.rename(out)
+    return manifest
+
+
+def dump(config: DumpConfig) -> DumpResult:
+    """Run the teacher over the dataset once and write a complete cache at ``config.out``.
+
+    Example::
+
+        dump(DumpConfig(teacher="ckpt.pt", arch="logit_cache.models:digits_mlp", dataset="digits",
+                        out="caches/digits-top5", mode="topk", k=5))
+    """
+    started = time.perf_counter()
+    device_kind = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
+    dist_info = _init_distributed(device_kind)
+    try:
+        prepared, done = _phase(dist_info, _prepare, config, dist_info)
+        if done is not None:
+            log.info("%s is already complete (key %s): nothing to do", prepared.out, done.key)
+            return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, directory_bytes(prepared.out), None)
+
+        def load() -> tuple[Teacher, int]:
+            teacher = load_teacher(
+                config.teacher,
+                arch=config.arch,
+                arch_kwargs=config.arch_kwargs,
+                trust_checkpoint=config.trust_checkpoint,
+                device=prepared.device,
+            )
+            return teacher, _probe_classes(teacher, prepared)
+
+        teacher, num_classes = _phase(dist_info, load)
+        specs = array_specs(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels)
+        chunk_rows, shard_rows = chunk_and_shard_rows(specs, config.shard_rows, config.views, len(prepared.resolved) * config.views)
+        plans = plan_shards(len(prepared.resolved), config.views, shard_rows)
+        manifest = _in_progress_manifest(prepared, teacher, specs, num_classes, chunk_rows, shard_rows, plans, dist_info)
+        if dist_info.is_main:
+            manifest = _phase(dist_info, _prepare_directory, prepared, manifest, plans)
+        else:
+            _sync(dist_info, None)
+        mine = split_for_rank(plans, dist_info.rank, dist_info.world_size)
+        if dist_info.world_size > len(plans) and dist_info.is_main:
+            log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
+        backend = get_backend(config.backend)
+        todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
+        resumed = len(plans) - len(todo) if dist_info.world_size == 1 else len(mine) - len(todo)
+        rows, mass = _phase(
+            dist_info, _run_shards, prepared, teacher, specs, chunk_rows, todo, num_classes,
+            dist_info.is_main and not config.quiet,
+        )
+        rows, mass = _reduce_stats(dist_info, rows, mass)
+        seconds = time.perf_counter() - started
+        if dist_info.is_main:
+            manifest = _phase(dist_info, _finalize, prepared, manifest, plans, seconds)
+        else:
+            _sync(dist_info, None)
+            manifest = read_manifest(prepared.out)
+        mean_mass = mass / rows if rows and config.mode == "topk" else None
+        return DumpResult(prepared.out, manifest, False, rows, resumed, seconds, directory_bytes(prepared.out), mean_mass)
+    finally:
+        if dist_info.owns_group:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _reduce_stats(dist_info: _Dist, rows: int, mass: float) -> tuple[int, float]:
+    if dist_info.world_size == 1:
+        return rows, mass
+    import torch.distributed as dist
+
+    totals = torch.tensor([float(rows), mass], dtype=torch.float64)
+    dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    return int(totals[0].item()), float(totals[1].item())

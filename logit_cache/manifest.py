@@ -1,0 +1,172 @@
+"""The manifest: a cache's self-description, its versioned JSON, validation on read, atomic write.
+
+``manifest.json`` is the last file a dump writes, and it is written atomically (a temporary file,
+fsync, then ``os.replace``), so a reader sees either the previous manifest or the new one, never a
+torn file. ``complete: true`` is the promise that every shard listed is closed and checksummed.
+Field meanings are the contract of DESIGN.md section 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import CacheFormatError, CacheNotFoundError
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+MODES = ("full", "topk", "sampled")
+VALUE_DTYPES = ("float16", "float32")
+BACKENDS = ("zarr", "hdf5")
+
+
+@dataclass
+class ShardEntry:
+    """One shard: its path (relative to the cache directory), row and sample ranges, checksum."""
+
+    path: str
+    row_start: int
+    row_stop: int
+    sample_start: int
+    sample_stop: int
+    checksum: str
+
+
+@dataclass
+class Manifest:
+    """Everything a reader needs to interpret a cache, and what identifies its content."""
+
+    backend: str
+    mode: str
+    k: int | None
+    num_classes: int
+    dtype: str
+    temperature: float
+    num_samples: int
+    num_rows: int
+    views: int
+    seed: int | None
+    per_token: bool
+    teacher: dict[str, Any]
+    dataset: dict[str, Any]
+    key: str
+    shards: list[ShardEntry] = field(default_factory=list)
+    complete: bool = False
+    m: int | None = None
+    created_at: str = ""
+    tool_version: str = ""
+    torch_version: str = ""
+    format_version: int = FORMAT_VERSION
+    #: Layout of the logical arrays; "plain" is float16/float32 values and uint16/int32 ids.
+    encoding: str = "plain"
+    #: Rows per chunk of every array (the reader's unit of I/O) and the shard size asked for.
+    chunk_rows: int = 0
+    shard_rows: int = 0
+    #: Arrays every shard holds: name -> {"dtype": str, "row_shape": [..]} (row_shape excludes rows).
+    arrays: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: How the dump ran (device, precision, batch size, seconds): informative, not identity.
+    dump: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "manifest") -> Manifest:
+        """Validate and build; every problem names the field and the file."""
+        if not isinstance(data, dict):
+            raise CacheFormatError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        version = data.get("format_version")
+        if version != FORMAT_VERSION:
+            hint = (
+                "it was written by a newer logit-cache: upgrade logit-cache to read it"
+                if isinstance(version, int) and version > FORMAT_VERSION
+                else "it is not a logit-cache manifest of a known version"
+            )
+            raise CacheFormatError(f"{source}: format_version is {version!r}, this logit-cache reads {FORMAT_VERSION}; {hint}")
+        known = {f.name for f in fields(cls)}
+        required = {
+            "backend", "mode", "k", "num_classes", "dtype", "temperature", "num_samples", "num_rows",
+            "views", "seed", "per_token", "teacher", "dataset", "key", "shards", "complete",
+        }
+        missing = sorted(required - set(data))
+        if missing:
+            raise CacheFormatError(f"{source}: missing field(s) {', '.join(missing)}; the manifest is damaged or not a cache manifest")
+        kwargs = {name: value for name, value in data.items() if name in known}
+        try:
+            kwargs["shards"] = [ShardEntry(**entry) for entry in data["shards"]]
+        except TypeError as exc:
+            raise CacheFormatError(f"{source}: field 'shards' has a malformed entry ({exc})") from exc
+        manifest = cls(**kwargs)
+        manifest.validate(source)
+        return manifest
+
+    def validate(self, source: str = "manifest") -> None:
+        """Check the invariants a reader relies on; raise CacheFormatError naming the field."""
+
+        def bad(name: str, why: str) -> CacheFormatError:
+            return CacheFormatError(f"{source}: field {name!r} {why}")
+
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"is {self.backend!r}, expected one of {', '.join(BACKENDS)}")
+        if self.mode not in MODES:
+            raise bad("mode", f"is {self.mode!r}, expected one of {', '.join(MODES)}")
+        if self.dtype not in VALUE_DTYPES:
+            raise bad("dtype", f"is {self.dtype!r}, expected one of {', '.join(VALUE_DTYPES)}")
+        if self.mode == "topk" and not (isinstance(self.k, int) and 1 <= self.k <= self.num_classes):
+            raise bad("k", f"is {self.k!r}, expected an integer in [1, num_classes={self.num_classes}]")
+        if self.views < 1:
+            raise bad("views", f"is {self.views!r}, expected >= 1")
+        if self.complete:
+            row = 0
+            sample = 0
+            for position, shard in enumerate(self.shards):
+                if shard.row_start != row or shard.sample_start != sample:
+                    raise bad("shards", f"entry {position} ({shard.path}) does not start where the previous one stopped")
+                if shard.row_stop < shard.row_start or shard.sample_stop < shard.sample_start:
+                    raise bad("shards", f"entry {position} ({shard.path}) has a negative range")
+                row, sample = shard.row_stop, shard.sample_stop
+            if row != self.num_rows or sample != self.num_samples:
+                raise bad("shards", f"cover {row} rows / {sample} samples, but num_rows={self.num_rows}, num_samples={self.num_samples}")
+
+
+def manifest_path(cache_dir: str | Path) -> Path:
+    return Path(cache_dir) / MANIFEST_NAME
+
+
+def read_manifest(cache_dir: str | Path) -> Manifest:
+    """Read and validate ``cache_dir/manifest.json``."""
+    path = manifest_path(cache_dir)
+    if not path.is_file():
+        if not Path(cache_dir).exists():
+            raise CacheNotFoundError(f"{cache_dir}: no such cache directory")
+        raise CacheNotFoundError(f"{cache_dir}: no {MANIFEST_NAME} in it: not a logit-cache cache, or a dump that never started")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CacheFormatError(f"{path}: cannot be read as JSON ({exc})") from exc
+    return Manifest.from_dict(data, str(path))
+
+
+def write_json_atomic(path: str | Path, data: Any) -> None:
+    """Write JSON to ``path`` so that readers see the old file or the new one, never a torn one."""
+    path = Path(path)
+    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=False)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(cache_dir: str | Path, manifest: Manifest) -> None:
+    manifest.validate(str(manifest_path(cache_dir)))
+    write_json_atomic(manifest_path(cache_dir), manifest.to_dict())

@@ -1,0 +1,198 @@
+"""The small interface every storage backend implements, and what they share.
+
+A backend knows how to create a shard (one Zarr group or one HDF5 file) holding named 2-D or 1-D
+arrays that grow by rows, and how to open one for reading. Buffering to whole chunks and the
+shard checksum live here, once, so both backends write the same bytes in the same order and a
+cache's checksums do not depend on the backend or the chunking.
+
+Checksum: for each array, SHA-256 over its C-order bytes as stored, in row order; the shard
+checksum is SHA-256 over ``name:dtype:shape:digest;`` for the arrays sorted by name, written as
+``"sha256:<hex>"``. It is computed while writing (no read-back) and recomputed by re-reading.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CacheFormatError, CorruptShardError
+
+#: Rows read per call when streaming an array (checksums, concatenation).
+READ_BLOCK_ROWS = 1 << 16
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a shard: its dtype, the shape of one row, and whether it has a row per cache
+    row (``per="row"``), per sample (``"sample"``) or is an offsets array (``"offsets"``)."""
+
+    name: str
+    dtype: str
+    row_shape: tuple[int, ...] = ()
+    per: str = "row"
+    compress: bool = False
+
+    @property
+    def row_bytes(self) -> int:
+        return int(np.dtype(self.dtype).itemsize * int(np.prod(self.row_shape, dtype=np.int64)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"dtype": self.dtype, "row_shape": list(self.row_shape), "per": self.per}
+
+
+def combine_checksum(parts: Mapping[str, tuple[str, tuple[int, ...], str]]) -> str:
+    """Shard checksum from per-array ``(dtype, shape, sha256 hex)``."""
+    digest = hashlib.sha256()
+    for name in sorted(parts):
+        dtype, shape, hexdigest = parts[name]
+        digest.update(f"{name}:{dtype}:{list(shape)}:{hexdigest};".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+class ShardReader(ABC):
+    """Read access to one shard's arrays. Use as a context manager so file handles close."""
+
+    path: Path
+
+    @abstractmethod
+    def names(self) -> list[str]: ...
+
+    @abstractmethod
+    def _array(self, name: str) -> Any:
+        """The backend's array object (supports ``.shape``, ``.dtype`` and row slicing)."""
+
+    def close(self) -> None:
+        """Release file handles (HDF5); a no-op where there are none."""
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _lookup(self, name: str) -> Any:
+        if name not in self.names():
+            raise CacheFormatError(f"{self.path}: has no array {name!r} (it holds {', '.join(sorted(self.names()))})")
+        return self._array(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._lookup(name).shape)
+
+    def dtype(self, name: str) -> np.dtype:
+        return np.dtype(self._lookup(name).dtype)
+
+    def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of an array as numpy; decode failures name the shard and array."""
+        array = self._lookup(name)
+        try:
+            return np.asarray(array[slice(start, stop)])
+        except Exception as exc:
+            raise CorruptShardError(
+                f"{self.path}: array {name!r} rows {start}:{stop} cannot be read ({exc!r}); the shard is damaged"
+            ) from exc
+
+    def blocks(self, name: str, block_rows: int = READ_BLOCK_ROWS) -> Iterator[np.ndarray]:
+        rows = self.shape(name)[0]
+        for start in range(0, rows, block_rows):
+            yield self.read(name, start, min(rows, start + block_rows))
+
+    def checksum(self) -> str:
+        """Recompute the shard checksum by re-reading every array."""
+        parts = {}
+        for name in self.names():
+            digest = hashlib.sha256()
+            for block in self.blocks(name):
+                digest.update(np.ascontiguousarray(block).tobytes())
+            parts[name] = (self.dtype(name).name, self.shape(name), digest.hexdigest())
+        return combine_checksum(parts)
+
+
+class ShardWriter(ABC):
+    """Appends rows to a shard's arrays, buffered to whole chunks, hashing as it goes."""
+
+    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int) -> None:
+        self.path = path
+        self.specs = {spec.name: spec for spec in specs}
+        self.chunk_rows = chunk_rows
+        self._pending: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
+        self._pending_rows = dict.fromkeys(self.specs, 0)
+        self._written = dict.fromkeys(self.specs, 0)
+        self._digests = {name: hashlib.sha256() for name in self.specs}
+
+    @abstractmethod
+    def _write_rows(self, name: str, start: int, data: np.ndarray) -> None:
+        """Grow array ``name`` to ``start + len(data)`` rows and store ``data`` at ``start``."""
+
+    @abstractmethod
+    def _close(self) -> None: ...
+
+    def append(self, arrays: Mapping[str, np.ndarray]) -> None:
+        """Append rows to some or all arrays; dtypes and row shapes must match the specs."""
+        for name, data in arrays.items():
+            spec = self.specs.get(name)
+            if spec is None:
+                raise CacheFormatError(f"{self.path}: no array {name!r} was declared for this shard")
+            data = np.ascontiguousarray(data)
+            if data.dtype != np.dtype(spec.dtype) or data.shape[1:] != spec.row_shape:
+                raise CacheFormatError(
+                    f"{self.path}: array {name!r} expects rows of shape {spec.row_shape} and dtype {spec.dtype}, "
+                    f"got {data.shape[1:]} {data.dtype}"
+                )
+            if len(data) == 0:
+                continue
+            self._digests[name].update(data.tobytes())
+            self._pending[name].append(data)
+            self._pending_rows[name] += len(data)
+            if self._pending_rows[name] >= self.chunk_rows:
+                self._flush(name, whole_chunks_only=True)
+
+    def _flush(self, name: str, whole_chunks_only: bool) -> None:
+        rows = self._pending_rows[name]
+        if rows == 0:
+            return
+        buffered = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else self._pending[name][0]
+        take = (rows // self.chunk_rows) * self.chunk_rows if whole_chunks_only else rows
+        if take == 0:
+            return
+        self._write_rows(name, self._written[name], buffered[:take])
+        self._written[name] += take
+        rest = buffered[take:]
+        self._pending[name] = [rest] if len(rest) else []
+        self._pending_rows[name] = len(rest)
+
+    def rows_written(self, name: str) -> int:
+        return self._written[name] + self._pending_rows[name]
+
+    def close(self) -> str:
+        """Flush what is buffered, close, and return the shard checksum."""
+        for name in self.specs:
+            self._flush(name, whole_chunks_only=False)
+        self._close()
+        return combine_checksum(
+            {
+                name: (np.dtype(spec.dtype).name, (self._written[name], *spec.row_shape), self._digests[name].hexdigest())
+                for name, spec in self.specs.items()
+            }
+        )
+
+
+class Backend(ABC):
+    """A storage backend: a name, a file suffix, and how to create and open shards."""
+
+    name: str
+    suffix: str
+
+    @abstractmethod
+    def create(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> ShardWriter: ...
+
+    @abstractmethod
+    def open(self, path: Path) -> ShardReader: ...
+
+    def shard_name(self, index: int) -> str:
+        return f"shard-{index:05d}{self.suffix}"

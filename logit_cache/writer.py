@@ -1,0 +1,234 @@
+"""Buffered, threaded writing of shards; atomic per-shard finalize; resume bookkeeping.
+
+The dump's main thread runs the teacher and hands each encoded batch to a bounded queue; one
+writer thread turns it into host arrays and appends them to the current shard. So disk I/O and
+compression overlap with inference, and the queue bound keeps memory flat when the disk is slower
+than the teacher (the main thread then waits).
+
+A shard is written under ``<name>.partial`` and renamed into place when closed; then a progress
+record ``progress/<name>.json`` (its ranges and checksum) is written atomically. A shard counts
+as done only when its record exists, so after a kill at any moment, ``--resume`` keeps exactly the
+shards with records and rewrites the rest from their first sample. Shard boundaries depend only on
+the dataset length, views and ``shard_rows`` (never on ranks or batch size), which is what makes
+resumed and multi-rank dumps identical to a single uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CacheFormatError
+from .manifest import ShardEntry, write_json_atomic
+from .store import ArraySpec, Backend, ShardWriter
+
+log = logging.getLogger(__name__)
+
+PROGRESS_DIR = "progress"
+PARTIAL_SUFFIX = ".partial"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    """Where one shard sits in the cache: samples ``[sample_start, sample_stop)``, rows likewise."""
+
+    index: int
+    sample_start: int
+    sample_stop: int
+    row_start: int
+    row_stop: int
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_stop - self.sample_start
+
+    @property
+    def num_rows(self) -> int:
+        return self.row_stop - self.row_start
+
+
+def plan_shards(num_samples: int, views: int, shard_rows: int) -> list[ShardPlan]:
+    """Cut ``num_samples`` per-sample items (``views`` rows each) into shards of at most
+    ``shard_rows`` rows, at sample boundaries."""
+    samples_per_shard = max(1, shard_rows // views)
+    plans = []
+    for index, start in enumerate(range(0, num_samples, samples_per_shard)):
+        stop = min(num_samples, start + samples_per_shard)
+        plans.append(ShardPlan(index, start, stop, start * views, stop * views))
+    return plans
+
+
+def split_for_rank(plans: list[ShardPlan], rank: int, world_size: int) -> list[ShardPlan]:
+    """A contiguous run of shards for ``rank``; runs differ in length by at most one shard."""
+    count = len(plans)
+    return plans[rank * count // world_size : (rank + 1) * count // world_size]
+
+
+def progress_path(directory: Path, shard_name: str) -> Path:
+    return directory / PROGRESS_DIR / f"{shard_name}.json"
+
+
+def read_progress(directory: Path, backend: Backend, plan: ShardPlan) -> ShardEntry | None:
+    """The finished shard's entry, or None if it is not (fully) written."""
+    name = backend.shard_name(plan.index)
+    record = progress_path(directory, name)
+    if not record.is_file() or not (directory / name).exists():
+        return None
+    try:
+        entry = ShardEntry(**json.loads(record.read_text()))
+    except (OSError, ValueError, TypeError) as exc:
+        raise CacheFormatError(f"{record}: progress record is damaged ({exc}); delete it and rerun with --resume") from exc
+    expected = (name, plan.row_start, plan.row_stop, plan.sample_start, plan.sample_stop)
+    if (entry.path, entry.row_start, entry.row_stop, entry.sample_start, entry.sample_stop) != expected:
+        return None
+    return entry
+
+
+def remove_path(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def discard_unfinished(directory: Path, backend: Backend, plan: ShardPlan) -> None:
+    """Delete whatever a killed writer left of a shard that has no progress record."""
+    name = backend.shard_name(plan.index)
+    for leftover in (directory / name, directory / (name + PARTIAL_SUFFIX), progress_path(directory, name)):
+        remove_path(leftover)
+
+
+_STOP = object()
+
+
+class ShardedWriter:
+    """A writer thread fed through a bounded queue.
+
+    ``submit(plan, produce)`` queues a callable that returns the batch's host arrays (it runs in
+    the writer thread, so waiting for a device copy or converting dtypes happens off the main
+    thread); ``end_shard(plan)`` closes the shard after its last batch. Errors raised in the
+    thread come back to the caller on its next call.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        backend: Backend,
+        specs: list[ArraySpec],
+        chunk_rows: int,
+        attrs: Mapping[str, Any],
+        max_pending: int = 8,
+    ) -> None:
+        self.directory = directory
+        self.backend = backend
+        self.specs = specs
+        self.chunk_rows = chunk_rows
+        self.attrs = dict(attrs)
+        self.entries: list[ShardEntry] = []
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._current: tuple[ShardPlan, ShardWriter] | None = None
+        (directory / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
+        self._thread = threading.Thread(target=self._run, name="logit-cache-writer", daemon=True)
+        self._thread.start()
+
+    # -- main-thread side ---------------------------------------------------------------------
+    def submit(self, plan: ShardPlan, produce: Callable[[], Mapping[str, np.ndarray]]) -> None:
+        self._put(("batch", plan, produce))
+
+    def end_shard(self, plan: ShardPlan) -> None:
+        self._put(("end", plan, None))
+
+    def finish(self) -> list[ShardEntry]:
+        """Wait for every queued batch to be written; return the shards closed, in order."""
+        self._put(_STOP)
+        self._thread.join()
+        self._raise_if_failed()
+        return self.entries
+
+    def abort(self) -> None:
+        """Stop after a failure elsewhere: the open shard stays ``.partial`` (resume discards it)."""
+        self._error = self._error or RuntimeError("aborted")
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        try:
+            self._queue.put_nowait(_STOP)
+        except queue.Full:
+            pass
+        self._thread.join(timeout=30)
+
+    def _put(self, item: Any) -> None:
+        while True:
+            self._raise_if_failed()
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -- writer-thread side -------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while (item := self._queue.get()) is not _STOP:
+                kind, plan, produce = item
+                if kind == "batch":
+                    self._writer_for(plan).append(produce())
+                else:
+                    self._close_shard(plan)
+        except BaseException as exc:  # handed to the main thread by _raise_if_failed
+            self._error = exc
+        finally:
+            if self._current is not None and self._error is not None:
+                try:
+                    self._current[1].close()
+                except Exception:  # the shard stays .partial either way
+                    pass
+
+    def _writer_for(self, plan: ShardPlan) -> ShardWriter:
+        if self._current is not None and self._current[0] == plan:
+            return self._current[1]
+        if self._current is not None:
+            raise RuntimeError(f"shard {self._current[0].index} was not ended before shard {plan.index} began")
+        name = self.backend.shard_name(plan.index)
+        partial = self.directory / (name + PARTIAL_SUFFIX)
+        remove_path(partial)
+        attrs = {**self.attrs, "shard_index": plan.index, "row_start": plan.row_start, "sample_start": plan.sample_start}
+        writer = self.backend.create(partial, self.specs, self.chunk_rows, attrs)
+        self._current = (plan, writer)
+        return writer
+
+    def _close_shard(self, plan: ShardPlan) -> None:
+        writer = self._writer_for(plan)
+        expected = {"row": plan.num_rows, "sample": plan.num_samples}
+        for spec in self.specs:
+            want = expected.get(spec.per)
+            got = writer.rows_written(spec.name)
+            if want is not None and got != want:
+                raise CacheFormatError(
+                    f"shard {plan.index}: array {spec.name!r} received {got} rows, expected {want}; the dataset "
+                    f"returned a different number of items than its length promised"
+                )
+        checksum = writer.close()
+        self._current = None
+        name = self.backend.shard_name(plan.index)
+        (self.directory / (name + PARTIAL_SUFFIX)).rename(self.directory / name)
+        entry = ShardEntry(name, plan.row_start, plan.row_stop, plan.sample_start, plan.sample_stop, checksum)
+        write_json_atomic(progress_path(self.directory, name), asdict(entry))
+        self.entries.append(entry)
+        log.debug("closed %s (%d rows, %s)", name, plan.num_rows, checksum)

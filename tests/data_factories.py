@@ -1,0 +1,104 @@
+"""Dataset and model factories the tests name in specs (``--dataset``/``--arch``).
+
+Referenced by file path (``<tests>/data_factories.py:name``) so they import the same way in
+pytest, in CliRunner and in subprocesses (torchrun, kill -9 tests).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+HERE = Path(__file__).resolve().parent
+SPEC = f"{HERE / 'data_factories.py'}"
+
+
+def spec(name: str) -> str:
+    """``/abs/path/tests/data_factories.py:name``: a spec that imports from any working directory."""
+    return f"{SPEC}:{name}"
+
+
+class RandomImages(Dataset):
+    """``n`` random (1, 8, 8) images with labels in [0, classes), fixed by ``seed``."""
+
+    def __init__(self, n: int = 300, seed: int = 0, classes: int = 10, scale: float = 1.0, delay: float = 0.0,
+                 labels: bool = True) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, 8, 8, generator=generator) * scale
+        self.labels = torch.randint(0, classes, (n,), generator=generator)
+        self.delay = delay
+        self.with_labels = labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        if self.delay:
+            time.sleep(self.delay)
+        if self.with_labels:
+            return self.images[index], int(self.labels[index])
+        return self.images[index]
+
+
+def random_images(n: int = 300, seed: int = 0, classes: int = 10, scale: float = 1.0) -> RandomImages:
+    return RandomImages(n, seed, classes, scale)
+
+
+def unlabeled_images(n: int = 100, seed: int = 0) -> RandomImages:
+    return RandomImages(n, seed, labels=False)
+
+
+def slow_images(n: int = 400, seed: int = 0, delay: float = 0.01) -> RandomImages:
+    """Items that take ``delay`` seconds each, so a test can kill a dump midway."""
+    return RandomImages(n, seed, delay=delay)
+
+
+class DictImages(Dataset):
+    """Items ``({"pixels": x, "bias": b}, label)``: inputs passed as keyword arguments."""
+
+    def __init__(self, n: int = 120, seed: int = 0) -> None:
+        self.inner = RandomImages(n, seed)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, index: int):
+        image, label = self.inner[index]
+        return {"pixels": image, "bias": torch.tensor(float(index % 3))}, label
+
+
+def dict_images(n: int = 120, seed: int = 0) -> DictImages:
+    return DictImages(n, seed)
+
+
+class KeywordNet(nn.Module):
+    """A teacher that takes keyword inputs ``pixels`` and ``bias``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, num_classes))
+
+    def forward(self, pixels: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.body(pixels) + bias[:, None]
+
+
+class NaNAt(nn.Module):
+    """Wraps an MLP and returns NaN logits for inputs whose first pixel exceeds ``threshold``."""
+
+    def __init__(self, threshold: float = 0.98) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+        self.threshold = threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        bad = x.flatten(1)[:, 0] > self.threshold
+        return torch.where(bad[:, None], torch.full_like(out, float("nan")), out)
+
+
+def broken_dataset(**kwargs):
+    raise RuntimeError("the data files are missing")
