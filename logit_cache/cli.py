@@ -12,10 +12,11 @@ from typing import Any
 import click
 
 from . import __version__
-from .dump import DumpConfig, DumpResult, directory_bytes, dump, partial_path
+from .dump import DumpConfig, DumpResult, directory_bytes, dump
 from .errors import LogitCacheError, UsageError
 from .manifest import Manifest, read_manifest
 from .spec import parse_json_kwargs
+from .writer import partial_path
 
 
 def _fail(exc: LogitCacheError) -> None:
@@ -149,7 +150,8 @@ def _summary(result: DumpResult) -> str:
         f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} samples) in {len(manifest.shards)} shard(s)"
         + (f", {result.resumed_shards} kept from the unfinished dump" if result.resumed_shards else ""),
         f"  on disk     {_human_bytes(size)} ({size / max(1, manifest.num_samples):,.1f} B/sample)",
-        f"  time        {result.seconds:.2f} s ({result.samples_per_second:,.0f} samples/s computed)",
+        f"  time        {result.seconds:.2f} s in all, {result.compute_seconds:.2f} s in the inference loop "
+        f"({result.samples_per_second:,.0f} samples/s)",
     ]
     if result.mean_topk_mass is not None:
         lines.append(f"  top-{manifest.k} mass  {result.mean_topk_mass:.4f} (mean probability mass at T=1)")

@@ -35,11 +35,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
 from .errors import (
-    CacheFormatError,
     CheckpointNotFoundError,
     LogitCacheError,
     NonFiniteLogitsError,
-    OutputExistsError,
     TeacherOutputError,
     UsageError,
 )
@@ -47,23 +45,22 @@ from .fingerprint import content_key, file_sha256
 from .manifest import (
     BACKENDS,
     FORMAT_VERSION,
-    MANIFEST_NAME,
     VALUE_DTYPES,
     Manifest,
     read_manifest,
-    write_manifest,
 )
 from .store import ArraySpec, get_backend
 from .targets import encode, index_dtype
 from .teacher import Teacher, load_teacher
 from .writer import (
-    PROGRESS_DIR,
     ShardedWriter,
     ShardPlan,
-    discard_unfinished,
+    check_output,
+    finalize,
+    partial_path,
     plan_shards,
+    prepare_work_dir,
     read_progress,
-    remove_path,
     split_for_rank,
 )
 
@@ -145,14 +142,17 @@ class DumpResult:
     reused: bool
     rows_computed: int
     resumed_shards: int
+    #: Wall time of the whole dump, and of its inference loop alone (no set-up, hashing or finalize).
     seconds: float
+    compute_seconds: float
     bytes_on_disk: int
     mean_topk_mass: float | None
 
     @property
     def samples_per_second(self) -> float:
+        """Samples per second of the inference loop (teacher, encoding and writing together)."""
         samples = self.rows_computed / self.manifest.views
-        return samples / self.seconds if self.seconds > 0 else float("nan")
+        return samples / self.compute_seconds if self.compute_seconds > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,10 +266,6 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def partial_path(out: Path) -> Path:
-    return out.with_name(out.name + ".partial")
-
-
 def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool) -> list[ArraySpec]:
     """The arrays every shard holds, with names, dtypes and row shapes of the cache format."""
     if mode == "full":
@@ -350,33 +346,6 @@ class _Prepared:
     key: str
 
 
-def _check_output(config: DumpConfig, out: Path, key: str) -> Manifest | None:
-    """Refuse to clobber; return the existing complete manifest when ``--resume`` finds it done."""
-    work = partial_path(out)
-    if out.exists():
-        has_manifest = (out / MANIFEST_NAME).is_file()
-        if config.resume and has_manifest:
-            manifest = read_manifest(out)
-            if manifest.complete and manifest.key == key and manifest.backend == config.backend:
-                return manifest
-            raise OutputExistsError(
-                f"{out} holds a complete cache of other content (key {manifest.key}, backend {manifest.backend}; "
-                f"this dump's key is {key}, backend {config.backend}); pass --overwrite to replace it or choose another --out"
-            )
-        if not config.overwrite:
-            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        if not has_manifest and (out.is_file() or any(out.iterdir())):
-            raise OutputExistsError(
-                f"{out} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with "
-                f"--overwrite; choose another --out"
-            )
-    if work.exists() and not (config.resume or config.overwrite):
-        raise OutputExistsError(
-            f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
-        )
-    return None
-
-
 def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest | None]:
     config.validate()
     device = resolve_device(config.device, dist_info.local_rank)
@@ -397,7 +366,7 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
         dtype=config.dtype,
         format_version=FORMAT_VERSION,
     )
-    done = _check_output(config, out, key)
+    done = check_output(out, key, config.backend, config.resume, config.overwrite)
     return _Prepared(config, out, partial_path(out), device, resolved, teacher_sha256, fingerprint, key), done
 
 
@@ -459,47 +428,6 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, specs: list[Arr
     )
 
 
-#: Fields that must agree between an unfinished dump and the one resuming it.
-_RESUME_FIELDS = ("key", "backend", "mode", "k", "dtype", "num_classes", "num_rows", "chunk_rows", "shard_rows", "arrays")
-
-
-def _prepare_directory(prepared: _Prepared, manifest: Manifest, plans: list[ShardPlan]) -> Manifest:
-    """Rank 0: create ``OUT.partial`` or, on resume, check it matches and clear unfinished shards."""
-    work, config = prepared.work, prepared.config
-    backend = get_backend(config.backend)
-    if work.exists() and config.overwrite:
-        remove_path(work)
-    if work.exists():
-        try:
-            previous = read_manifest(work)
-        except CacheFormatError as exc:
-            raise CacheFormatError(
-                f"{work} is an unfinished dump whose manifest cannot be read ({exc}); pass --overwrite to start over"
-            ) from exc
-        now, before = manifest.to_dict(), previous.to_dict()
-        differ = [name for name in _RESUME_FIELDS if now[name] != before[name]]
-        if differ:
-            detail = "; ".join(f"{name}: was {before[name]!r}, now {now[name]!r}" for name in differ)
-            raise UsageError(
-                f"--resume: the unfinished dump at {work} was started with other settings ({detail}); rerun it with "
-                f"the original options, or pass --overwrite to start over"
-            )
-        manifest.created_at = previous.created_at
-        kept = 0
-        for plan in plans:
-            if read_progress(work, backend, plan) is None:
-                discard_unfinished(work, backend, plan)
-            else:
-                kept += 1
-        log.info("resuming %s: %d of %d shards already written", work, kept, len(plans))
-    else:
-        work.mkdir(parents=True)
-        (work / PROGRESS_DIR).mkdir()
-        log.info("dumping into %s (renamed to %s when complete)", work, prepared.out)
-    write_manifest(work, manifest)
-    return manifest
-
-
 def _host_producer(
     encoded: dict[str, torch.Tensor],
     nonfinite: torch.Tensor,
@@ -541,11 +469,12 @@ def _host_producer(
 
 
 def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], chunk_rows: int,
-                todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float]:
-    """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass)."""
+                todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float, float]:
+    """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass, seconds)."""
     config, device = prepared.config, prepared.device
     if not todo:
-        return 0, 0.0
+        return 0, 0.0, 0.0
+    started = time.perf_counter()
     backend = get_backend(config.backend)
     batches = make_batches(todo, config.batch_size)
     workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
@@ -588,32 +517,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], c
         raise
     finally:
         bar.close()
-    return rows, float(mass_total.item())
-
-
-def _finalize(prepared: _Prepared, manifest: Manifest, plans: list[ShardPlan], seconds: float) -> Manifest:
-    """Rank 0: gather every shard's record, write the complete manifest, rename into place."""
-    work, out = prepared.work, prepared.out
-    backend = get_backend(prepared.config.backend)
-    entries = []
-    for plan in plans:
-        entry = read_progress(work, backend, plan)
-        if entry is None:
-            raise CacheFormatError(f"{work}: shard {plan.index} is missing after every rank finished; rerun with --resume")
-        entries.append(entry)
-    manifest.shards = entries
-    manifest.complete = True
-    manifest.dump["seconds"] = round(seconds, 3)
-    write_manifest(work, manifest)
-    remove_path(work / PROGRESS_DIR)
-    if out.exists():
-        old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
-        out.rename(old)
-        work.rename(out)
-        remove_path(old)
-    else:
-        work.rename(out)
-    return manifest
+    return rows, float(mass_total.item()), time.perf_counter() - started
 
 
 def dump(config: DumpConfig) -> DumpResult:
@@ -631,7 +535,7 @@ def dump(config: DumpConfig) -> DumpResult:
         prepared, done = _phase(dist_info, _prepare, config, dist_info)
         if done is not None:
             log.info("%s is already complete (key %s): nothing to do", prepared.out, done.key)
-            return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, directory_bytes(prepared.out), None)
+            return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, 0.0, directory_bytes(prepared.out), None)
 
         def load() -> tuple[Teacher, int]:
             teacher = load_teacher(
@@ -644,33 +548,33 @@ def dump(config: DumpConfig) -> DumpResult:
             return teacher, _probe_classes(teacher, prepared)
 
         teacher, num_classes = _phase(dist_info, load)
+        backend = get_backend(config.backend)
         specs = array_specs(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels)
         chunk_rows, shard_rows = chunk_and_shard_rows(specs, config.shard_rows, config.views, len(prepared.resolved) * config.views)
         plans = plan_shards(len(prepared.resolved), config.views, shard_rows)
         manifest = _in_progress_manifest(prepared, teacher, specs, num_classes, chunk_rows, shard_rows, plans, dist_info)
         if dist_info.is_main:
-            manifest = _phase(dist_info, _prepare_directory, prepared, manifest, plans)
+            manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
         else:
             _sync(dist_info, None)
         mine = split_for_rank(plans, dist_info.rank, dist_info.world_size)
         if dist_info.world_size > len(plans) and dist_info.is_main:
             log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
-        backend = get_backend(config.backend)
         todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
-        resumed = len(plans) - len(todo) if dist_info.world_size == 1 else len(mine) - len(todo)
-        rows, mass = _phase(
+        rows, mass, compute_seconds = _phase(
             dist_info, _run_shards, prepared, teacher, specs, chunk_rows, todo, num_classes,
             dist_info.is_main and not config.quiet,
         )
-        rows, mass = _reduce_stats(dist_info, rows, mass)
+        rows, mass, kept, compute_seconds = _reduce_stats(dist_info, rows, mass, len(mine) - len(todo), compute_seconds)
         seconds = time.perf_counter() - started
         if dist_info.is_main:
-            manifest = _phase(dist_info, _finalize, prepared, manifest, plans, seconds)
+            manifest.dump["seconds"] = round(seconds, 3)
+            manifest = _phase(dist_info, finalize, prepared.work, prepared.out, manifest, plans, backend)
         else:
             _sync(dist_info, None)
             manifest = read_manifest(prepared.out)
         mean_mass = mass / rows if rows and config.mode == "topk" else None
-        return DumpResult(prepared.out, manifest, False, rows, resumed, seconds, directory_bytes(prepared.out), mean_mass)
+        return DumpResult(prepared.out, manifest, False, rows, kept, seconds, compute_seconds, directory_bytes(prepared.out), mean_mass)
     finally:
         if dist_info.owns_group:
             import torch.distributed as dist
@@ -678,11 +582,14 @@ def dump(config: DumpConfig) -> DumpResult:
             dist.destroy_process_group()
 
 
-def _reduce_stats(dist_info: _Dist, rows: int, mass: float) -> tuple[int, float]:
+def _reduce_stats(dist_info: _Dist, rows: int, mass: float, kept: int, compute_seconds: float) -> tuple[int, float, int, float]:
+    """Totals over ranks: rows computed, top-k mass, shards kept from before; the slowest rank's time."""
     if dist_info.world_size == 1:
-        return rows, mass
+        return rows, mass, kept, compute_seconds
     import torch.distributed as dist
 
-    totals = torch.tensor([float(rows), mass], dtype=torch.float64)
+    totals = torch.tensor([float(rows), mass, float(kept)], dtype=torch.float64)
     dist.all_reduce(totals, op=dist.ReduceOp.SUM)
-    return int(totals[0].item()), float(totals[1].item())
+    slowest = torch.tensor([compute_seconds], dtype=torch.float64)
+    dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
+    return int(totals[0].item()), float(totals[1].item()), int(totals[2].item()), float(slowest.item())

@@ -1,5 +1,9 @@
 """Buffered, threaded writing of shards; atomic per-shard finalize; resume bookkeeping.
 
+The output directory's life is here too: ``check_output`` refuses to clobber, ``prepare_work_dir``
+creates ``OUT.partial`` (or checks and trims it on resume), ``finalize`` writes the complete
+manifest and renames ``OUT.partial`` to ``OUT``.
+
 The dump's main thread runs the teacher and hands each encoded batch to a bounded queue; one
 writer thread turns it into host arrays and appends them to the current shard. So disk I/O and
 compression overlap with inference, and the queue bound keeps memory flat when the disk is slower
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
 import shutil
 import threading
@@ -27,8 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheFormatError
-from .manifest import ShardEntry, write_json_atomic
+from .errors import CacheFormatError, OutputExistsError, UsageError
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_json_atomic, write_manifest
 from .store import ArraySpec, Backend, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -105,6 +110,107 @@ def discard_unfinished(directory: Path, backend: Backend, plan: ShardPlan) -> No
     name = backend.shard_name(plan.index)
     for leftover in (directory / name, directory / (name + PARTIAL_SUFFIX), progress_path(directory, name)):
         remove_path(leftover)
+
+
+def partial_path(out: Path) -> Path:
+    """Where a dump into ``out`` works until it is complete."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: bool) -> Manifest | None:
+    """Refuse to clobber; return the existing complete manifest when ``resume`` finds the work done.
+
+    Read-only, so every rank can run it.
+    """
+    work = partial_path(out)
+    if out.exists():
+        has_manifest = (out / MANIFEST_NAME).is_file()
+        if resume and has_manifest:
+            manifest = read_manifest(out)
+            if manifest.complete and manifest.key == key and manifest.backend == backend:
+                return manifest
+            raise OutputExistsError(
+                f"{out} holds a complete cache of other content (key {manifest.key}, backend {manifest.backend}; "
+                f"this dump's key is {key}, backend {backend}); pass --overwrite to replace it or choose another --out"
+            )
+        if not overwrite:
+            raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
+        if not has_manifest and (out.is_file() or any(out.iterdir())):
+            raise OutputExistsError(
+                f"{out} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with "
+                f"--overwrite; choose another --out"
+            )
+    if work.exists() and not (resume or overwrite):
+        raise OutputExistsError(
+            f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
+        )
+    return None
+
+
+#: Fields that must agree between an unfinished dump and the one resuming it.
+_RESUME_FIELDS = ("key", "backend", "mode", "k", "dtype", "num_classes", "num_rows", "chunk_rows", "shard_rows", "arrays")
+
+
+def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], backend: Backend, overwrite: bool) -> Manifest:
+    """Create ``OUT.partial`` or, resuming, check it was started with the same settings and discard
+    unfinished shards. Writes the in-progress manifest (``complete: false``) before any shard, so a
+    work directory without one holds nothing finished and is started afresh."""
+    if work.exists() and (overwrite or not (work / MANIFEST_NAME).is_file()):
+        if not overwrite and any(p.name != PROGRESS_DIR for p in work.iterdir()):
+            raise CacheFormatError(f"{work} has no {MANIFEST_NAME} but holds files; pass --overwrite to start over")
+        remove_path(work)
+    if work.exists():
+        try:
+            previous = read_manifest(work)
+        except CacheFormatError as exc:
+            raise CacheFormatError(
+                f"{work} is an unfinished dump whose manifest cannot be read ({exc}); pass --overwrite to start over"
+            ) from exc
+        now, before = manifest.to_dict(), previous.to_dict()
+        differ = [name for name in _RESUME_FIELDS if now[name] != before[name]]
+        if differ:
+            detail = "; ".join(f"{name}: was {before[name]!r}, now {now[name]!r}" for name in differ)
+            raise UsageError(
+                f"--resume: the unfinished dump at {work} was started with other settings ({detail}); rerun it with "
+                f"the original options, or pass --overwrite to start over"
+            )
+        manifest.created_at = previous.created_at
+        kept = 0
+        for plan in plans:
+            if read_progress(work, backend, plan) is None:
+                discard_unfinished(work, backend, plan)
+            else:
+                kept += 1
+        log.info("resuming %s: %d of %d shards already written", work, kept, len(plans))
+    else:
+        work.mkdir(parents=True)
+        log.info("dumping into %s (renamed to %s when complete)", work, work.name.removesuffix(".partial"))
+    (work / PROGRESS_DIR).mkdir(exist_ok=True)
+    write_manifest(work, manifest)
+    return manifest
+
+
+def finalize(work: Path, out: Path, manifest: Manifest, plans: list[ShardPlan], backend: Backend) -> Manifest:
+    """Gather every shard's record, write the complete manifest, and rename ``work`` to ``out``
+    (an existing cache at ``out``, replaced on --overwrite, is moved aside first and deleted last)."""
+    entries = []
+    for plan in plans:
+        entry = read_progress(work, backend, plan)
+        if entry is None:
+            raise CacheFormatError(f"{work}: shard {plan.index} is missing after every rank finished; rerun with --resume")
+        entries.append(entry)
+    manifest.shards = entries
+    manifest.complete = True
+    write_manifest(work, manifest)
+    remove_path(work / PROGRESS_DIR)
+    if out.exists():
+        old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+        out.rename(old)
+        work.rename(out)
+        remove_path(old)
+    else:
+        work.rename(out)
+    return manifest
 
 
 _STOP = object()
