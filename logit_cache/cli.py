@@ -20,6 +20,11 @@ from .writer import partial_path
 
 
 def _fail(exc: LogitCacheError) -> None:
+    """One line for the user; the whole chain with LOGIT_CACHE_TRACEBACK=1 (for debugging a teacher or dataset)."""
+    if os.environ.get("LOGIT_CACHE_TRACEBACK") == "1":
+        import traceback
+
+        traceback.print_exception(exc, file=sys.stderr)
     click.echo(f"error: {exc}", err=True)
     sys.exit(1)
 

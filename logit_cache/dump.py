@@ -22,7 +22,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from . import __version__
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
 from .errors import (
     CheckpointNotFoundError,
+    DatasetError,
     LogitCacheError,
     NonFiniteLogitsError,
     TeacherOutputError,
@@ -250,6 +251,38 @@ def run_teacher(module: Any, inputs: Any) -> torch.Tensor:
             f"(or an object with a .logits tensor)"
         )
     return output
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line. DataLoader workers re-raise with the worker's traceback in the
+    message; its last line is the original ``Type: message``."""
+    lines = [line for line in str(exc).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[-1].strip()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
+
+
+def _next_batch(batch_iter: Iterator[Any], indices: list[int]) -> Any:
+    """The next batch; a dataset that fails is reported with the indices it failed on."""
+    try:
+        return next(batch_iter)
+    except LogitCacheError:
+        raise
+    except Exception as exc:
+        raise DatasetError(f"loading dataset indices {indices[0]}..{indices[-1]} failed: {_one_line(exc)}") from exc
+
+
+def _call_teacher(module: Any, inputs: Any, indices: list[int]) -> torch.Tensor:
+    """``run_teacher``, with a crash inside the teacher reported with the indices it crashed on."""
+    try:
+        return run_teacher(module, inputs)
+    except LogitCacheError:
+        raise
+    except Exception as exc:
+        raise TeacherOutputError(
+            f"the teacher failed on dataset indices {indices[0]}..{indices[-1]}: {_one_line(exc)} "
+            f"(set LOGIT_CACHE_TRACEBACK=1 for the traceback)"
+        ) from exc
 
 
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -488,10 +521,12 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], c
     bar = tqdm(total=total, unit="sample", unit_scale=True, desc="dump", disable=None if show_progress else True)
     try:
         with torch.inference_mode():
-            for position, ((plan, indices), batch) in enumerate(zip(batches, loader, strict=True)):
+            batch_iter = iter(loader)
+            for position, (plan, indices) in enumerate(batches):
+                batch = _next_batch(batch_iter, indices)
                 inputs, labels = split_batch(batch, prepared.resolved.has_labels)
                 with _autocast(device, config.precision):
-                    logits = run_teacher(teacher.module, _to_device(inputs, device))  # (B, C)
+                    logits = _call_teacher(teacher.module, _to_device(inputs, device), indices)  # (B, C)
                 if logits.shape != (len(indices), num_classes):
                     raise TeacherOutputError(
                         f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "

@@ -175,6 +175,11 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
                 f"the original options, or pass --overwrite to start over"
             )
         manifest.created_at = previous.created_at
+        if previous.complete:  # killed inside finalize: its manifest still lists every finished shard
+            for entry in previous.shards:
+                if (work / entry.path).exists():
+                    (work / PROGRESS_DIR).mkdir(exist_ok=True)
+                    write_json_atomic(progress_path(work, entry.path), asdict(entry))
         kept = 0
         for plan in plans:
             if read_progress(work, backend, plan) is None:
@@ -262,7 +267,17 @@ class ShardedWriter:
         return self.entries
 
     def abort(self) -> None:
-        """Stop after a failure elsewhere: the open shard stays ``.partial`` (resume discards it)."""
+        """Stop after a failure in the main thread, keeping the work already handed over: queued
+        batches are written and shards whose end was queued are closed and recorded (so --resume
+        keeps them); the shard still open stays ``.partial`` (resume discards it). If the writer
+        thread itself failed, what is still queued is dropped."""
+        if self._error is None and self._thread.is_alive():
+            try:
+                self._put(_STOP)
+                self._thread.join()
+                return
+            except BaseException:  # the writer failed meanwhile: fall through and drop the queue
+                pass
         self._error = self._error or RuntimeError("aborted")
         while True:
             try:
@@ -300,7 +315,7 @@ class ShardedWriter:
         except BaseException as exc:  # handed to the main thread by _raise_if_failed
             self._error = exc
         finally:
-            if self._current is not None and self._error is not None:
+            if self._current is not None:  # stopped with a shard open: close the files, leave it .partial
                 try:
                     self._current[1].close()
                 except Exception:  # the shard stays .partial either way

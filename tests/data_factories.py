@@ -102,3 +102,25 @@ class NaNAt(nn.Module):
 
 def broken_dataset(**kwargs):
     raise RuntimeError("the data files are missing")
+
+
+class RaiseAt(NaNAt):
+    """Like NaNAt, but the forward pass raises (a failure in the dump's main thread)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.flatten(1)[:, 0] > self.threshold).any():
+            raise RuntimeError("teacher crashed on a bad input")
+        return self.body(x)
+
+
+class FailingItem(RandomImages):
+    """Item ``fail_at`` raises: a data set that breaks midway through a dump."""
+
+    def __init__(self, n: int = 100, fail_at: int = 70) -> None:
+        super().__init__(n)
+        self.fail_at = fail_at
+
+    def __getitem__(self, index: int):
+        if index == self.fail_at:
+            raise OSError(f"cannot decode image {index}")
+        return super().__getitem__(index)

@@ -141,3 +141,13 @@ def test_float16_overflow_is_reported(cli, teacher_ckpt, tmp_path):
 
 def test_info_on_missing_and_incomplete(cli, tmp_path):
     assert_one_line_error(cli("info", tmp_path / "nothing"), "no such cache")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_dataset_failing_midway_names_the_batch(cli, teacher_ckpt, tmp_path, workers):
+    out = tmp_path / "out"
+    args = base(teacher_ckpt, out, "--topk", "3", "--batch-size", "16", "--num-workers", workers, dataset=spec("FailingItem"))
+    args[args.index('{"n": 40}')] = '{"n": 100, "fail_at": 70}'
+    result = cli(*args)
+    assert_one_line_error(result, "64..79", "cannot decode image 70")
+    assert not out.exists()

@@ -232,3 +232,38 @@ def test_every_checkpoint_layout_gives_the_same_arrays(cli, tmp_path):
                 np.testing.assert_allclose(value.astype(np.float32), reference[array].astype(np.float32), rtol=1e-3, atol=1e-3)
             else:
                 assert value.tobytes() == reference[array].tobytes(), (name, array)
+
+
+@pytest.mark.parametrize("teacher", ["NaNAt", "RaiseAt"])
+def test_failure_keeps_finished_shards_for_resume(cli, tmp_path, teacher):
+    """A bad row in a later shard stops the dump (in the writer thread for NaN, in the main thread for an
+    exception); the shards before it were handed to the writer and are kept for --resume."""
+    import data_factories
+
+    data = data_factories.RandomImages(400, seed=2)
+    threshold = 0.998  # with seed 2, rows 121, 130 and 181 are above it: shards 0 to 2 are clean
+    first_bad = next(i for i in range(400) if data.images[i].flatten()[0] > threshold)
+    assert first_bad == 121
+    torch.manual_seed(0)
+    ckpt = tmp_path / "bad.pt"
+    torch.save(getattr(data_factories, teacher)().state_dict(), ckpt)
+    out = tmp_path / "out"
+    result = cli("dump", "--teacher", ckpt, "--arch", spec(teacher), "--arch-kwargs", json.dumps({"threshold": threshold}),
+                 "--dataset", spec("random_images"), "--dataset-kwargs", '{"n": 400, "seed": 2}', "--out", out,
+                 "--topk", "3", "--shard-rows", "32", "--batch-size", "8", "-q")
+    assert result.exit_code == 1
+    assert (str(first_bad) if teacher == "NaNAt" else "teacher crashed") in result.output
+    progress = sorted(p.name for p in (tmp_path / "out.partial" / "progress").iterdir())
+    assert progress == [f"shard-{i:05d}.zarr.json" for i in range(first_bad // 32)]
+
+
+def test_resume_after_a_kill_inside_finalize(cli, teacher_ckpt, tmp_path):
+    """A complete manifest left in OUT.partial (killed between finalize's steps) is finished, not recomputed."""
+    out = tmp_path / "cache"
+    assert cli(*dump_args(teacher_ckpt, out, "--topk", "3", "--shard-rows", "100")).exit_code == 0
+    before = read_plain(out, "topk_logits")
+    out.rename(tmp_path / "cache.partial")
+    result = cli(*dump_args(teacher_ckpt, out, "--topk", "3", "--shard-rows", "100", "--resume"))
+    assert result.exit_code == 0, result.output
+    assert "3 kept from the unfinished dump" in result.output
+    np.testing.assert_array_equal(read_plain(out, "topk_logits"), before)
