@@ -68,8 +68,12 @@ from .writer import (
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-#: A chunk (the reader's unit of I/O) holds about this many bytes of its widest array.
-CHUNK_TARGET_BYTES = 1 << 20
+#: A chunk (the reader's unit of I/O) holds about this many bytes of its widest array: big enough
+#: that per-chunk costs (~2 ms a Zarr chunk file) stay small, small enough that the partly filled
+#: last chunk of a shard (stored whole by HDF5 and by uncompressed Zarr) wastes little.
+CHUNK_TARGET_BYTES = 256 << 10
+#: Per-sample labels (8 bytes a row) get chunks of their own size, not hundreds of tiny files.
+LABEL_CHUNK_ROWS = 16384
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 1 << 16
 #: Default shard size: few enough files for big caches, small enough to resume cheaply.
 SHARD_TARGET_BYTES = 256 << 20
@@ -299,7 +303,11 @@ def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool) -> list[ArraySpec]:
+def _pow2_at_least(count: int) -> int:
+    return 1 << max(0, count - 1).bit_length()
+
+
+def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool, num_samples: int) -> list[ArraySpec]:
     """The arrays every shard holds, with names, dtypes and row shapes of the cache format."""
     if mode == "full":
         specs = [ArraySpec("logits", dtype, (num_classes,))]
@@ -311,20 +319,21 @@ def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labe
             ArraySpec("logsumexp", "float32", (), compress=True),
         ]
     if has_labels:
-        specs.append(ArraySpec("labels", "int64", (), per="sample", compress=True))
+        label_chunk = min(LABEL_CHUNK_ROWS, max(MIN_CHUNK_ROWS, _pow2_at_least(num_samples)))
+        specs.append(ArraySpec("labels", "int64", (), per="sample", compress=True, chunk_rows=label_chunk))
     return specs
 
 
 def chunk_and_shard_rows(specs: list[ArraySpec], shard_rows: int | None, views: int, num_rows: int) -> tuple[int, int]:
     """Rows per chunk and rows per shard.
 
-    A chunk holds about 1 MiB of the widest array (a power of two of rows), but never much more
-    rows than the cache has: edge chunks take their full size on disk when uncompressed.
+    A chunk holds about CHUNK_TARGET_BYTES of the widest per-row array (a power of two of rows),
+    but never much more rows than the cache has.
     """
     row_specs = [spec for spec in specs if spec.per == "row"]
     widest = max(spec.row_bytes for spec in row_specs)
     chunk = 1 << max(0, (CHUNK_TARGET_BYTES // widest).bit_length() - 1)
-    chunk = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, chunk), max(MIN_CHUNK_ROWS, 1 << (num_rows - 1).bit_length()))
+    chunk = min(MAX_CHUNK_ROWS, max(MIN_CHUNK_ROWS, chunk), max(MIN_CHUNK_ROWS, _pow2_at_least(num_rows)))
     if shard_rows is None:
         per_row = sum(spec.row_bytes for spec in row_specs)
         shard_rows = max(chunk, (SHARD_TARGET_BYTES // per_row) // chunk * chunk)
@@ -579,12 +588,13 @@ def dump(config: DumpConfig) -> DumpResult:
                 arch_kwargs=config.arch_kwargs,
                 trust_checkpoint=config.trust_checkpoint,
                 device=prepared.device,
+                sha256=prepared.teacher_sha256,
             )
             return teacher, _probe_classes(teacher, prepared)
 
         teacher, num_classes = _phase(dist_info, load)
         backend = get_backend(config.backend)
-        specs = array_specs(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels)
+        specs = array_specs(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels, len(prepared.resolved))
         chunk_rows, shard_rows = chunk_and_shard_rows(specs, config.shard_rows, config.views, len(prepared.resolved) * config.views)
         plans = plan_shards(len(prepared.resolved), config.views, shard_rows)
         manifest = _in_progress_manifest(prepared, teacher, specs, num_classes, chunk_rows, shard_rows, plans, dist_info)

@@ -56,20 +56,26 @@ def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str) -> Encode
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [batch, classes], got {tuple(logits.shape)}")
     raw = logits.float()  # (B, C): logsumexp and top-k selection in float32 whatever the autocast dtype
-    nonfinite = ~torch.isfinite(raw).all(dim=1)
     store_dtype = torch_dtype(dtype)
+    # A row is finite iff its max and min are (amax/amin propagate NaN), and the stored values fit
+    # the storage dtype iff their extremes do after the cast: [B] reductions, not isfinite over [B, C].
+    extremes = torch.stack([raw.amax(dim=1), raw.amin(dim=1)], dim=1)  # (B, 2)
+    nonfinite = ~torch.isfinite(extremes).all(dim=1)
+
+    def overflows(stored_extremes: torch.Tensor) -> torch.Tensor:
+        return ~torch.isfinite(stored_extremes.to(store_dtype)).all(dim=1) & ~nonfinite
+
     if mode == "full":
-        values = raw.to(store_dtype)
-        overflow = ~torch.isfinite(values).all(dim=1) & ~nonfinite
-        mass = torch.tensor(float(len(raw)), device=raw.device)
-        return EncodedBatch({"logits": values}, nonfinite, overflow, mass)
+        overflow = overflows(extremes)
+        mass = raw.new_full((), float(len(raw)))  # a fill on the device, not a host copy
+        return EncodedBatch({"logits": raw.to(store_dtype)}, nonfinite, overflow, mass)
     if mode == "topk":
         if k is None or not 1 <= k <= raw.shape[1]:
             raise ValueError(f"k must be in [1, {raw.shape[1]}], got {k}")
         top_values, top_ids = torch.topk(raw, k, dim=1, largest=True, sorted=True)  # (B, K) each
         lse = torch.logsumexp(raw, dim=1)  # (B,)
         values = top_values.to(store_dtype)
-        overflow = ~torch.isfinite(values).all(dim=1) & ~nonfinite
+        overflow = overflows(top_values[:, [0, -1]])  # only the stored values must fit
         mass = torch.exp(top_values - lse[:, None]).sum(dim=1).sum()
         arrays = {"topk_logits": values, "topk_indices": top_ids.to(torch.int32), "logsumexp": lse}
         return EncodedBatch(arrays, nonfinite, overflow, mass)

@@ -131,8 +131,12 @@ def load_teacher(
     arch_kwargs: dict[str, Any] | None = None,
     trust_checkpoint: bool = False,
     device: str | torch.device = "cpu",
+    sha256: str | None = None,
 ) -> Teacher:
     """Load a teacher checkpoint of any supported kind, ready for inference.
+
+    ``sha256`` is the file's hash when the caller already computed it (the dump hashes the file
+    before loading, for the cache key); hashing a multi-GB teacher twice costs seconds.
 
     A state dict needs ``arch`` (``"module:callable"``, called with ``arch_kwargs``) and is loaded with
     ``strict=True``: a teacher with a missing or misshapen weight would silently produce wrong logits for
@@ -184,7 +188,7 @@ def load_teacher(
     teacher = Teacher(
         module=module,
         path=shown,
-        sha256=file_sha256(file),
+        sha256=sha256 or file_sha256(file),
         format=fmt,
         layout=layout,
         arch=arch if fmt == "state_dict" else None,

@@ -60,6 +60,11 @@ class ShardPlan:
     def num_rows(self) -> int:
         return self.row_stop - self.row_start
 
+    def planned_rows(self, specs: list[ArraySpec]) -> dict[str, int]:
+        """How many rows each array of this shard holds: per cache row, or per sample."""
+        planned = {"row": self.num_rows, "sample": self.num_samples}
+        return {spec.name: planned[spec.per] for spec in specs if spec.per in planned}
+
 
 def plan_shards(num_samples: int, views: int, shard_rows: int) -> list[ShardPlan]:
     """Cut ``num_samples`` per-sample items (``views`` rows each) into shards of at most
@@ -330,19 +335,17 @@ class ShardedWriter:
         partial = self.directory / (name + PARTIAL_SUFFIX)
         remove_path(partial)
         attrs = {**self.attrs, "shard_index": plan.index, "row_start": plan.row_start, "sample_start": plan.sample_start}
-        writer = self.backend.create(partial, self.specs, self.chunk_rows, attrs)
+        writer = self.backend.create(partial, self.specs, self.chunk_rows, attrs, plan.planned_rows(self.specs))
         self._current = (plan, writer)
         return writer
 
     def _close_shard(self, plan: ShardPlan) -> None:
         writer = self._writer_for(plan)
-        expected = {"row": plan.num_rows, "sample": plan.num_samples}
-        for spec in self.specs:
-            want = expected.get(spec.per)
-            got = writer.rows_written(spec.name)
-            if want is not None and got != want:
+        for name, want in plan.planned_rows(self.specs).items():
+            got = writer.rows_written(name)
+            if got != want:
                 raise CacheFormatError(
-                    f"shard {plan.index}: array {spec.name!r} received {got} rows, expected {want}; the dataset "
+                    f"shard {plan.index}: array {name!r} received {got} rows, expected {want}; the dataset "
                     f"returned a different number of items than its length promised"
                 )
         checksum = writer.close()

@@ -133,3 +133,28 @@ def test_damage_is_detected(tmp_path, backend_name):
         compressed.write_bytes(compressed.read_bytes()[:10])
         with pytest.raises(CorruptShardError, match="topk_logits"), backend.open(path) as reader:
             reader.read("topk_logits")
+
+
+@pytest.mark.parametrize("backend_name", sorted(BACKENDS))
+@pytest.mark.parametrize("planned", [20, 53, 80])
+def test_planned_rows_fewer_or_more_than_written(tmp_path, backend_name, planned):
+    """Arrays are created at the planned size; the final shape is what was written, either way."""
+    backend = get_backend(backend_name)
+    arrays = sample_arrays(53)
+    path = tmp_path / backend.shard_name(0)
+    writer = backend.create(path, SPECS, 8, {}, rows=dict.fromkeys(arrays, planned))
+    for start in range(0, 53, 10):
+        writer.append({name: value[start : start + 10] for name, value in arrays.items()})
+    assert writer.close() == independent_checksum(arrays)
+    with backend.open(path) as reader:
+        for name, want in arrays.items():
+            np.testing.assert_array_equal(reader.read(name), want)
+
+
+def test_per_array_chunk_rows(tmp_path):
+    specs = [ArraySpec("values", "float16", (3,)), ArraySpec("labels", "int64", (), per="sample", chunk_rows=32)]
+    writer = get_backend("zarr").create(tmp_path / "s.zarr", specs, 8, {})
+    writer.append({"values": np.ones((40, 3), np.float16), "labels": np.arange(40)})
+    writer.close()
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert group["values"].chunks == (8, 3) and group["labels"].chunks == (32,)

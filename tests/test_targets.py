@@ -63,3 +63,13 @@ def test_large_vocab_ids_survive():
 def test_bad_k(k):
     with pytest.raises(ValueError, match="k must be"):
         encode(torch.randn(2, 5), "topk", k, "float16")
+
+
+def test_topk_overflow_looks_only_at_stored_values():
+    logits = torch.zeros(3, 6)
+    logits[0, 5] = -70000.0  # beyond float16, but not among the top-2: nothing stored overflows
+    logits[1, 2] = 70000.0  # stored, and beyond float16
+    logits[2, 4] = float("-inf")  # not finite, wherever it is
+    enc = encode(logits, "topk", 2, "float16")
+    assert enc.overflow.tolist() == [False, True, False]
+    assert enc.nonfinite.tolist() == [False, False, True]

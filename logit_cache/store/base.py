@@ -37,6 +37,8 @@ class ArraySpec:
     row_shape: tuple[int, ...] = ()
     per: str = "row"
     compress: bool = False
+    #: Rows per chunk for this array, when it differs from the shard's (e.g. narrow per-sample labels).
+    chunk_rows: int | None = None
 
     @property
     def row_bytes(self) -> int:
@@ -116,10 +118,13 @@ class ShardReader(ABC):
 class ShardWriter(ABC):
     """Appends rows to a shard's arrays, buffered to whole chunks, hashing as it goes."""
 
-    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int) -> None:
+    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int, rows: Mapping[str, int] | None = None) -> None:
         self.path = path
         self.specs = {spec.name: spec for spec in specs}
-        self.chunk_rows = chunk_rows
+        self.chunk_rows = {spec.name: spec.chunk_rows or chunk_rows for spec in specs}
+        #: Rows each array is created with: the shard's planned size when known, so writes need no
+        #: resize (a Zarr resize rewrites the array's metadata file); arrays grow past it if needed.
+        self.initial_rows = {name: int((rows or {}).get(name, 0)) for name in self.specs}
         self._pending: dict[str, list[np.ndarray]] = {name: [] for name in self.specs}
         self._pending_rows = dict.fromkeys(self.specs, 0)
         self._written = dict.fromkeys(self.specs, 0)
@@ -127,7 +132,11 @@ class ShardWriter(ABC):
 
     @abstractmethod
     def _write_rows(self, name: str, start: int, data: np.ndarray) -> None:
-        """Grow array ``name`` to ``start + len(data)`` rows and store ``data`` at ``start``."""
+        """Store ``data`` at row ``start`` of array ``name``, growing it first if it is too short."""
+
+    @abstractmethod
+    def _resize(self, name: str, rows: int) -> None:
+        """Set array ``name``'s row count (used at close if fewer rows came than planned)."""
 
     @abstractmethod
     def _close(self) -> None: ...
@@ -149,7 +158,7 @@ class ShardWriter(ABC):
             self._digests[name].update(data.tobytes())
             self._pending[name].append(data)
             self._pending_rows[name] += len(data)
-            if self._pending_rows[name] >= self.chunk_rows:
+            if self._pending_rows[name] >= self.chunk_rows[name]:
                 self._flush(name, whole_chunks_only=True)
 
     def _flush(self, name: str, whole_chunks_only: bool) -> None:
@@ -157,7 +166,8 @@ class ShardWriter(ABC):
         if rows == 0:
             return
         buffered = np.concatenate(self._pending[name]) if len(self._pending[name]) > 1 else self._pending[name][0]
-        take = (rows // self.chunk_rows) * self.chunk_rows if whole_chunks_only else rows
+        chunk = self.chunk_rows[name]
+        take = (rows // chunk) * chunk if whole_chunks_only else rows
         if take == 0:
             return
         self._write_rows(name, self._written[name], buffered[:take])
@@ -173,6 +183,8 @@ class ShardWriter(ABC):
         """Flush what is buffered, close, and return the shard checksum."""
         for name in self.specs:
             self._flush(name, whole_chunks_only=False)
+            if self._written[name] < self.initial_rows[name]:
+                self._resize(name, self._written[name])
         self._close()
         return combine_checksum(
             {
@@ -189,7 +201,10 @@ class Backend(ABC):
     suffix: str
 
     @abstractmethod
-    def create(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> ShardWriter: ...
+    def create(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
+    ) -> ShardWriter:
+        """A writer for a new shard at ``path``; ``rows`` gives each array's planned row count."""
 
     @abstractmethod
     def open(self, path: Path) -> ShardReader: ...

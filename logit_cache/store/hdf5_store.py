@@ -20,25 +20,31 @@ from .base import ArraySpec, Backend, ShardReader, ShardWriter
 
 
 class HDF5ShardWriter(ShardWriter):
-    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> None:
-        super().__init__(path, specs, chunk_rows)
+    def __init__(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None
+    ) -> None:
+        super().__init__(path, specs, chunk_rows, rows)
         self._file = h5py.File(path, "w-", track_order=False)
         for key, value in attrs.items():
             self._file.attrs[key] = value
         for spec in specs:
             self._file.create_dataset(
                 spec.name,
-                shape=(0, *spec.row_shape),
+                shape=(self.initial_rows[spec.name], *spec.row_shape),
                 maxshape=(None, *spec.row_shape),
-                chunks=(chunk_rows, *spec.row_shape),
+                chunks=(self.chunk_rows[spec.name], *spec.row_shape),
                 dtype=spec.dtype,
                 track_times=False,
             )
 
     def _write_rows(self, name: str, start: int, data: np.ndarray) -> None:
         dataset = self._file[name]
-        dataset.resize(start + len(data), axis=0)
+        if start + len(data) > dataset.shape[0]:
+            dataset.resize(start + len(data), axis=0)
         dataset[start : start + len(data)] = data
+
+    def _resize(self, name: str, rows: int) -> None:
+        self._file[name].resize(rows, axis=0)
 
     def _close(self) -> None:
         self._file.close()
@@ -80,8 +86,10 @@ class HDF5Backend(Backend):
     name = "hdf5"
     suffix = ".h5"
 
-    def create(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> ShardWriter:
-        return HDF5ShardWriter(path, specs, chunk_rows, attrs)
+    def create(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
+    ) -> ShardWriter:
+        return HDF5ShardWriter(path, specs, chunk_rows, attrs, rows)
 
     def open(self, path: Path) -> ShardReader:
         return HDF5ShardReader(path)

@@ -27,14 +27,16 @@ def _compressors(spec: ArraySpec) -> Any:
 
 
 class ZarrShardWriter(ShardWriter):
-    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> None:
-        super().__init__(path, specs, chunk_rows)
+    def __init__(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None
+    ) -> None:
+        super().__init__(path, specs, chunk_rows, rows)
         self._group = zarr.open_group(str(path), mode="w-", attributes=dict(attrs), zarr_format=3)
         self._arrays = {
             spec.name: self._group.create_array(
                 spec.name,
-                shape=(0, *spec.row_shape),
-                chunks=(chunk_rows, *spec.row_shape),
+                shape=(self.initial_rows[spec.name], *spec.row_shape),
+                chunks=(self.chunk_rows[spec.name], *spec.row_shape),
                 dtype=spec.dtype,
                 compressors=_compressors(spec),
                 fill_value=0,
@@ -44,8 +46,13 @@ class ZarrShardWriter(ShardWriter):
 
     def _write_rows(self, name: str, start: int, data: np.ndarray) -> None:
         array = self._arrays[name]
-        array.resize((start + len(data), *array.shape[1:]))
+        if start + len(data) > array.shape[0]:
+            array.resize((start + len(data), *array.shape[1:]))
         array[start : start + len(data)] = data
+
+    def _resize(self, name: str, rows: int) -> None:
+        array = self._arrays[name]
+        array.resize((rows, *array.shape[1:]))
 
     def _close(self) -> None:
         self._arrays.clear()
@@ -74,8 +81,10 @@ class ZarrBackend(Backend):
     name = "zarr"
     suffix = ".zarr"
 
-    def create(self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any]) -> ShardWriter:
-        return ZarrShardWriter(path, specs, chunk_rows, attrs)
+    def create(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
+    ) -> ShardWriter:
+        return ZarrShardWriter(path, specs, chunk_rows, attrs, rows)
 
     def open(self, path: Path) -> ShardReader:
         return ZarrShardReader(path)
