@@ -289,7 +289,7 @@ def _call_teacher(module: Any, inputs: Any, indices: list[int]) -> torch.Tensor:
         ) from exc
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
     dtype = PRECISIONS[precision]
     if dtype is None:
         return contextlib.nullcontext()
@@ -339,6 +339,24 @@ def chunk_and_shard_rows(specs: list[ArraySpec], shard_rows: int | None, views: 
         shard_rows = max(chunk, (SHARD_TARGET_BYTES // per_row) // chunk * chunk)
     shard_rows -= shard_rows % views
     return min(chunk, shard_rows), shard_rows
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a cache is cut: its arrays, rows per chunk and per shard, and the shard plans."""
+
+    specs: list[ArraySpec]
+    chunk_rows: int
+    shard_rows: int
+    plans: list[ShardPlan]
+
+
+def plan_layout(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool, num_samples: int,
+                views: int = 1, shard_rows: int | None = None) -> Layout:
+    """The layout a dump of these settings writes (the benchmark replays its batches from it)."""
+    specs = array_specs(mode, k, num_classes, dtype, has_labels, num_samples)
+    chunk_rows, shard_rows = chunk_and_shard_rows(specs, shard_rows, views, num_samples * views)
+    return Layout(specs, chunk_rows, shard_rows, plan_shards(num_samples, views, shard_rows))
 
 
 def make_batches(plans: list[ShardPlan], batch_size: int) -> list[tuple[ShardPlan, list[int]]]:
@@ -416,7 +434,7 @@ def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
     """Run the teacher on item 0 to learn the class count and check the output's shape."""
     batch = default_collate([prepared.resolved.dataset[0]])
     inputs, _ = split_batch(batch, prepared.resolved.has_labels)
-    with torch.inference_mode(), _autocast(prepared.device, prepared.config.precision):
+    with torch.inference_mode(), autocast_for(prepared.device, prepared.config.precision):
         logits = run_teacher(teacher.module, _to_device(inputs, prepared.device))
     if logits.dim() == 3:
         raise TeacherOutputError(
@@ -534,7 +552,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], c
             for position, (plan, indices) in enumerate(batches):
                 batch = _next_batch(batch_iter, indices)
                 inputs, labels = split_batch(batch, prepared.resolved.has_labels)
-                with _autocast(device, config.precision):
+                with autocast_for(device, config.precision):
                     logits = _call_teacher(teacher.module, _to_device(inputs, device), indices)  # (B, C)
                 if logits.shape != (len(indices), num_classes):
                     raise TeacherOutputError(
@@ -594,9 +612,9 @@ def dump(config: DumpConfig) -> DumpResult:
 
         teacher, num_classes = _phase(dist_info, load)
         backend = get_backend(config.backend)
-        specs = array_specs(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels, len(prepared.resolved))
-        chunk_rows, shard_rows = chunk_and_shard_rows(specs, config.shard_rows, config.views, len(prepared.resolved) * config.views)
-        plans = plan_shards(len(prepared.resolved), config.views, shard_rows)
+        layout = plan_layout(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels,
+                             len(prepared.resolved), config.views, config.shard_rows)
+        specs, chunk_rows, shard_rows, plans = layout.specs, layout.chunk_rows, layout.shard_rows, layout.plans
         manifest = _in_progress_manifest(prepared, teacher, specs, num_classes, chunk_rows, shard_rows, plans, dist_info)
         if dist_info.is_main:
             manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)

@@ -66,11 +66,11 @@ from logit_cache.datasets import ResolvedDataset, resolve_dataset, split_batch
 from logit_cache.dump import (
     PRECISIONS,
     DumpConfig,
-    array_specs,
-    chunk_and_shard_rows,
+    autocast_for,
     dump,
     make_batches,
     make_loader,
+    plan_layout,
     resolve_device,
     run_teacher,
 )
@@ -79,7 +79,6 @@ from logit_cache.manifest import Manifest
 from logit_cache.models import digits_mlp
 from logit_cache.targets import encode
 from logit_cache.teacher import load_teacher
-from logit_cache.writer import plan_shards
 
 ARCH = "logit_cache.models:digits_mlp"
 GOAL = {"cpu": 1.10, "cuda": 1.05}
@@ -149,11 +148,6 @@ class Workload:
     dtype: str
 
 
-def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = PRECISIONS[precision]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -162,9 +156,8 @@ def _sync(device: torch.device) -> None:
 def dump_batches(resolved: ResolvedDataset, mode: str, k: int, num_classes: int, dtype: str,
                  batch_size: int) -> tuple[int, list[list[int]]]:
     """Rows per shard and the batches of sample indices a dump of this mode runs (same plan, same cuts)."""
-    specs = array_specs(mode, k if mode == "topk" else None, num_classes, dtype, resolved.has_labels)
-    _, shard_rows = chunk_and_shard_rows(specs, None, 1, len(resolved))
-    return shard_rows, [indices for _, indices in make_batches(plan_shards(len(resolved), 1, shard_rows), batch_size)]
+    layout = plan_layout(mode, k if mode == "topk" else None, num_classes, dtype, resolved.has_labels, len(resolved))
+    return layout.shard_rows, [indices for _, indices in make_batches(layout.plans, batch_size)]
 
 
 def _teacher_passes(module: Any, resolved: ResolvedDataset, batches: list[list[int]], work: Workload) -> Iterator[torch.Tensor]:
@@ -174,7 +167,7 @@ def _teacher_passes(module: Any, resolved: ResolvedDataset, batches: list[list[i
     with torch.inference_mode():
         for batch in loader:
             inputs, _ = split_batch(batch, resolved.has_labels)
-            with _autocast(work.device, work.precision):
+            with autocast_for(work.device, work.precision):
                 yield run_teacher(module, inputs.to(work.device, non_blocking=True))
 
 
