@@ -124,3 +124,23 @@ class FailingItem(RandomImages):
         if index == self.fail_at:
             raise OSError(f"cannot decode image {index}")
         return super().__getitem__(index)
+
+
+class WithTable(nn.Module):
+    """A non-persistent buffer computed in __init__ (not in state dicts): meta init must not lose it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(64, 10)
+        self.register_buffer("offsets", torch.arange(10, dtype=torch.float32) / 10, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x.flatten(1)) + self.offsets
+
+
+def needs_real_tensors() -> nn.Module:
+    """A factory that reads a tensor's value while building: impossible on the meta device."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    if float(model[1].weight.abs().sum().item()) < 0:
+        raise AssertionError("unreachable")
+    return model

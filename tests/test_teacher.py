@@ -417,3 +417,43 @@ def test_detect_legacy_torch_save(original, tmp_path):
 def test_directory_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="is a directory"):
         load_teacher(tmp_path, arch=ARCH)
+
+
+# --- building on the meta device (no random init) must never change what is loaded ---------------------
+
+
+def test_meta_build_keeps_non_persistent_buffers(tmp_path: Path) -> None:
+    from data_factories import WithTable, spec
+
+    torch.manual_seed(0)
+    reference = WithTable().eval()
+    ckpt = tmp_path / "table.pt"
+    torch.save(reference.state_dict(), ckpt)
+    teacher = load_teacher(ckpt, arch=spec("WithTable"))
+    x = torch.rand(5, 1, 8, 8)
+    assert not any(t.is_meta for t in (*teacher.module.parameters(), *teacher.module.buffers()))
+    assert torch.equal(teacher.module(x), reference(x))
+
+
+def test_meta_build_casts_to_the_model_dtype_like_a_normal_load(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    reference = digits_mlp(hidden=16).eval()
+    ckpt = tmp_path / "half.pt"
+    torch.save({k: v.half() for k, v in reference.state_dict().items()}, ckpt)
+    teacher = load_teacher(ckpt, arch="logit_cache.models:digits_mlp", arch_kwargs={"hidden": 16})
+    normal = digits_mlp(hidden=16)
+    normal.load_state_dict(torch.load(ckpt, weights_only=True))
+    for (name, got), (_, want) in zip(teacher.module.state_dict().items(), normal.state_dict().items(), strict=True):
+        assert got.dtype == torch.float32 and torch.equal(got, want), name
+
+
+def test_factory_that_cannot_build_on_meta(tmp_path: Path) -> None:
+    from data_factories import needs_real_tensors, spec
+
+    torch.manual_seed(0)
+    reference = needs_real_tensors().eval()
+    ckpt = tmp_path / "real.pt"
+    torch.save(reference.state_dict(), ckpt)
+    teacher = load_teacher(ckpt, arch=spec("needs_real_tensors"))
+    x = torch.rand(3, 1, 8, 8)
+    assert torch.equal(teacher.module(x), reference(x))
