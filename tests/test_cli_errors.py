@@ -151,3 +151,13 @@ def test_dataset_failing_midway_names_the_batch(cli, teacher_ckpt, tmp_path, wor
     result = cli(*args)
     assert_one_line_error(result, "64..79", "cannot decode image 70")
     assert not out.exists()
+
+
+def test_info_shows_an_unfinished_dump_as_incomplete(cli, teacher_ckpt, tmp_path):
+    out = tmp_path / "out"
+    args = base(teacher_ckpt, out, "--full", "--dtype", "float16")
+    args[args.index('{"n": 40}')] = '{"n": 40, "scale": 1e6}'  # fails on fp16 overflow, leaving out.partial
+    assert cli(*args).exit_code == 1
+    text = cli("info", out)
+    assert text.exit_code == 0 and "INCOMPLETE" in text.output and "out.partial" in text.output
+    assert json.loads(cli("info", out, "--json").output)["complete"] is False
