@@ -32,6 +32,14 @@ def teacher_ckpt(tmp_path: Path, teacher_module: torch.nn.Module) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The seeded teacher's state_dict, saved once per module (for subprocess tests)."""
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
+    torch.save(make_teacher().state_dict(), path)
+    return path
+
+
 def run_cli(*args: str) -> Result:
     """Run ``logit-cache ARGS`` in-process, as a user would type it."""
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)

@@ -18,11 +18,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import zarr
 from data_factories import spec
 
-from logit_cache.models import digits_mlp
 from logit_cache.reader import open_reader
 
 pytestmark = pytest.mark.slow
@@ -105,14 +103,6 @@ def assert_same_content(got: Path, want: Path, same_key: bool = True) -> None:
             for actual in (via_reader, got_raw[name]):
                 assert actual.dtype == want_raw[name].dtype, name
                 assert np.array_equal(actual, want_raw[name]), name
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(digits_mlp(hidden=32).state_dict(), path)
-    return path
 
 
 @pytest.mark.parametrize("backend", ["zarr", "hdf5"])

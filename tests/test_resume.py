@@ -21,12 +21,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-import torch
 import zarr
 from data_factories import spec
 
 from logit_cache.errors import IncompleteCacheError
-from logit_cache.models import digits_mlp
 from logit_cache.reader import open_reader
 
 pytestmark = pytest.mark.slow
@@ -132,14 +130,6 @@ def assert_same_cache(got: Path, want: Path) -> None:
                 assert actual.dtype == expected.dtype, name
                 assert actual.shape[0] == 400, name
                 assert np.array_equal(actual, expected), name
-
-
-@pytest.fixture(scope="module")
-def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("teacher") / "teacher.pt"
-    torch.manual_seed(0)
-    torch.save(digits_mlp(hidden=32).state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
