@@ -25,6 +25,7 @@ import json
 import logging
 import pickle
 import re
+import warnings
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
@@ -299,9 +300,15 @@ def _load_weights(model: nn.Module, state_dict: Any, arch: str, kwargs: Mapping[
 
 
 def _load_torchscript(file: Path, shown: str, device: torch.device) -> nn.Module:
-    """``torch.jit.load`` straight onto the device (TorchScript code, no Python unpickling)."""
+    """``torch.jit.load`` straight onto the device (TorchScript code, no Python unpickling).
+
+    torch 2.13 deprecates TorchScript; the user chose the format, so its DeprecationWarning (which
+    names ``torch.jit.load``, not anything the user can change) is not repeated to them.
+    """
     try:
-        return torch.jit.load(str(file), map_location=device)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*torch.jit.load.*")
+            return torch.jit.load(str(file), map_location=device)
     except Exception as exc:
         raise CheckpointError(f"cannot load TorchScript archive {shown!r}: {exc}") from exc
 
