@@ -567,7 +567,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], c
                 event = None
                 if device.type == "cuda":
                     event = torch.cuda.Event()
-                    event.record()
+                    event.record(torch.cuda.current_stream(device))  # after the copies to the host
                 writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, ids_dtype, config.dtype))
                 if position + 1 == len(batches) or batches[position + 1][0] != plan:
                     writer.end_shard(plan)
@@ -595,6 +595,9 @@ def dump(config: DumpConfig) -> DumpResult:
     dist_info = _init_distributed(device_kind)
     try:
         prepared, done = _phase(dist_info, _prepare, config, dist_info)
+        if prepared.device.type == "cuda":
+            # NCCL, events and the caching allocator follow the current device, not the tensors'.
+            torch.cuda.set_device(prepared.device)
         if done is not None:
             log.info("%s is already complete (key %s): nothing to do", prepared.out, done.key)
             return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, 0.0, directory_bytes(prepared.out), None)
