@@ -118,7 +118,10 @@ class ShardReader(ABC):
 class ShardWriter(ABC):
     """Appends rows to a shard's arrays, buffered to whole chunks, hashing as it goes."""
 
-    def __init__(self, path: Path, specs: list[ArraySpec], chunk_rows: int, rows: Mapping[str, int] | None = None) -> None:
+    def __init__(
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
+    ) -> None:
+        """Subclasses create the shard's arrays (``attrs`` become its attributes) after this runs."""
         self.path = path
         self.specs = {spec.name: spec for spec in specs}
         self.chunk_rows = {spec.name: spec.chunk_rows or chunk_rows for spec in specs}
@@ -194,20 +197,22 @@ class ShardWriter(ABC):
         )
 
 
-class Backend(ABC):
-    """A storage backend: a name, a file suffix, and how to create and open shards."""
+class Backend:
+    """A storage backend: a name, a file suffix, and its shard writer and reader classes."""
 
     name: str
     suffix: str
+    writer_class: type[ShardWriter]
+    reader_class: type[ShardReader]
 
-    @abstractmethod
     def create(
         self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
     ) -> ShardWriter:
         """A writer for a new shard at ``path``; ``rows`` gives each array's planned row count."""
+        return self.writer_class(path, specs, chunk_rows, attrs, rows)
 
-    @abstractmethod
-    def open(self, path: Path) -> ShardReader: ...
+    def open(self, path: Path) -> ShardReader:
+        return self.reader_class(path)
 
     def shard_name(self, index: int) -> str:
         return f"shard-{index:05d}{self.suffix}"

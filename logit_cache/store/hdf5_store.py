@@ -21,9 +21,9 @@ from .base import ArraySpec, Backend, ShardReader, ShardWriter
 
 class HDF5ShardWriter(ShardWriter):
     def __init__(
-        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
     ) -> None:
-        super().__init__(path, specs, chunk_rows, rows)
+        super().__init__(path, specs, chunk_rows, attrs, rows)
         self._file = h5py.File(path, "w-", track_order=False)
         for key, value in attrs.items():
             self._file.attrs[key] = value
@@ -85,11 +85,5 @@ class HDF5ShardReader(ShardReader):
 class HDF5Backend(Backend):
     name = "hdf5"
     suffix = ".h5"
-
-    def create(
-        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
-    ) -> ShardWriter:
-        return HDF5ShardWriter(path, specs, chunk_rows, attrs, rows)
-
-    def open(self, path: Path) -> ShardReader:
-        return HDF5ShardReader(path)
+    writer_class = HDF5ShardWriter
+    reader_class = HDF5ShardReader

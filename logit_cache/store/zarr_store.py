@@ -28,9 +28,9 @@ def _compressors(spec: ArraySpec) -> Any:
 
 class ZarrShardWriter(ShardWriter):
     def __init__(
-        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None
+        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
     ) -> None:
-        super().__init__(path, specs, chunk_rows, rows)
+        super().__init__(path, specs, chunk_rows, attrs, rows)
         self._group = zarr.open_group(str(path), mode="w-", attributes=dict(attrs), zarr_format=3)
         self._arrays = {
             spec.name: self._group.create_array(
@@ -80,11 +80,5 @@ class ZarrShardReader(ShardReader):
 class ZarrBackend(Backend):
     name = "zarr"
     suffix = ".zarr"
-
-    def create(
-        self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
-    ) -> ShardWriter:
-        return ZarrShardWriter(path, specs, chunk_rows, attrs, rows)
-
-    def open(self, path: Path) -> ShardReader:
-        return ZarrShardReader(path)
+    writer_class = ZarrShardWriter
+    reader_class = ZarrShardReader
