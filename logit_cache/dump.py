@@ -453,8 +453,7 @@ def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
     return num_classes
 
 
-def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], num_classes: int,
-                          chunk_rows: int, shard_rows: int, plans: list[ShardPlan], dist_info: _Dist) -> Manifest:
+def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, layout: Layout, num_classes: int, dist_info: _Dist) -> Manifest:
     config = prepared.config
     return Manifest(
         backend=config.backend,
@@ -464,7 +463,7 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, specs: list[Arr
         dtype=config.dtype,
         temperature=config.temperature,
         num_samples=len(prepared.resolved),
-        num_rows=plans[-1].row_stop,
+        num_rows=layout.plans[-1].row_stop,
         views=config.views,
         seed=config.seed,
         per_token=False,
@@ -476,9 +475,9 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, specs: list[Arr
         created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         tool_version=__version__,
         torch_version=torch.__version__,
-        chunk_rows=chunk_rows,
-        shard_rows=shard_rows,
-        arrays={spec.name: spec.to_json() for spec in specs},
+        chunk_rows=layout.chunk_rows,
+        shard_rows=layout.shard_rows,
+        arrays={spec.name: spec.to_json() for spec in layout.specs},
         dump={
             "device": str(prepared.device),
             "precision": config.precision,
@@ -528,7 +527,7 @@ def _host_producer(
     return produce
 
 
-def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], chunk_rows: int,
+def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                 todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float, float]:
     """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass, seconds)."""
     config, device = prepared.config, prepared.device
@@ -541,7 +540,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, specs: list[ArraySpec], c
     loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda")
     ids_dtype = index_dtype(num_classes)
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
-    writer = ShardedWriter(prepared.work, backend, specs, chunk_rows, attrs)
+    writer = ShardedWriter(prepared.work, backend, layout.specs, layout.chunk_rows, attrs)
     mass_total = torch.zeros((), dtype=torch.float64, device=device)
     rows = 0
     total = sum(plan.num_samples for plan in todo)
@@ -617,8 +616,8 @@ def dump(config: DumpConfig) -> DumpResult:
         backend = get_backend(config.backend)
         layout = plan_layout(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels,
                              len(prepared.resolved), config.views, config.shard_rows)
-        specs, chunk_rows, shard_rows, plans = layout.specs, layout.chunk_rows, layout.shard_rows, layout.plans
-        manifest = _in_progress_manifest(prepared, teacher, specs, num_classes, chunk_rows, shard_rows, plans, dist_info)
+        plans = layout.plans
+        manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
         if dist_info.is_main:
             manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
         else:
@@ -628,7 +627,7 @@ def dump(config: DumpConfig) -> DumpResult:
             log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
         todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
         rows, mass, compute_seconds = _phase(
-            dist_info, _run_shards, prepared, teacher, specs, chunk_rows, todo, num_classes,
+            dist_info, _run_shards, prepared, teacher, layout, todo, num_classes,
             dist_info.is_main and not config.quiet,
         )
         rows, mass, kept, compute_seconds = _reduce_stats(dist_info, rows, mass, len(mine) - len(todo), compute_seconds)
