@@ -67,3 +67,11 @@ class IncompleteCacheError(CacheFormatError):
 
 class CorruptShardError(CacheFormatError):
     """A shard whose bytes do not decode, or whose checksum does not match the manifest."""
+
+
+class DatasetMismatchError(LogitCacheError, ValueError):
+    """A dataset does not match the cache it is paired with (length or fingerprint)."""
+
+
+class TargetMismatchError(LogitCacheError, ValueError):
+    """Cached targets do not fit the loss or the student (mode, class count, tail strategy)."""

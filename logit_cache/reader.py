@@ -1,19 +1,39 @@
-"""Read-only access to a cache: the manifest, its shards, arrays across shards, checksums.
+"""Read-only access to a cache: the manifest, its shards, rows by index, checksums.
 
 Opening a cache writes nothing. An incomplete cache is refused unless ``allow_incomplete=True``
-(what resumption and ``info`` use). The reader's unit of I/O is a whole array slice, never a row
-(DESIGN.md section 6).
+(what resumption and ``info`` use). The unit of I/O is a whole chunk, never a row: one Zarr call
+costs about a millisecond whatever it returns (DESIGN.md section 6), so :class:`LogitCache` reads
+the chunks a batch touches, in chunk order, and serves rows from the decoded chunks. A small cache
+is read whole into memory once; a large one goes through a bounded LRU of decoded chunks.
+
+Processes: shard handles are opened lazily and dropped when the process id changes (a forked
+DataLoader worker) or the object is pickled (spawned workers), so each process opens its own.
+Arrays already in memory survive a fork (shared copy-on-write) but not a pickle (each spawned
+worker re-reads them rather than receiving them through a pipe).
 """
 
 from __future__ import annotations
 
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import CorruptShardError, IncompleteCacheError
+from .errors import CorruptShardError, IncompleteCacheError, TargetMismatchError, UsageError
 from .manifest import Manifest, read_manifest
 from .store import ShardReader, get_backend
+from .targets import TARGET_ARRAYS, Targets
+
+if TYPE_CHECKING:
+    from .loader import CachedDataset, ChunkShuffleSampler
+
+#: Caches whose target arrays decode to at most this many bytes are held in memory by default.
+IN_MEMORY_BYTES = 512 << 20
+#: Default bound of the decoded-chunk LRU (per process) for caches read from disk.
+CHUNK_CACHE_BYTES = 128 << 20
 
 
 class CacheReader:
@@ -34,6 +54,7 @@ class CacheReader:
             )
         self.backend = get_backend(self.manifest.backend)
         self._shards: dict[int, ShardReader] = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> CacheReader:
         return self
@@ -46,8 +67,17 @@ class CacheReader:
             shard.close()
         self._shards.clear()
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_shards"] = {}
+        return state
+
     def shard(self, position: int) -> ShardReader:
-        """The reader of the manifest's ``position``-th shard (opened on first use)."""
+        """The reader of the manifest's ``position``-th shard (opened on first use, once per process)."""
+        if self._pid != os.getpid():
+            # A forked child: the parent's handles are not ours to use (HDF5) or close.
+            self._shards = {}
+            self._pid = os.getpid()
         if position not in self._shards:
             self._shards[position] = self.backend.open(self.path / self.manifest.shards[position].path)
         return self._shards[position]
@@ -74,3 +104,177 @@ class CacheReader:
 def open_reader(path: str | Path, allow_incomplete: bool = False) -> CacheReader:
     """Open a cache for reading; refuses an incomplete one unless asked."""
     return CacheReader(path, allow_incomplete=allow_incomplete)
+
+
+class LogitCache(CacheReader):
+    """A complete cache, read-only, serving teacher targets by row for training.
+
+    >>> cache = open_cache("caches/digits-top10")
+    >>> cache.targets([3, 1, 2])          # a Targets batch of rows 3, 1, 2
+    >>> ds = cache.wrap(train_dataset)    # items (input, label, target), see loader.py
+    """
+
+    def __init__(self, path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
+        super().__init__(path)
+        manifest = self.manifest
+        if manifest.mode not in TARGET_ARRAYS:
+            raise TargetMismatchError(f"{self.path}: mode {manifest.mode!r} caches cannot be read as training targets by this version")
+        if manifest.per_token:
+            raise TargetMismatchError(f"{self.path}: per-token caches cannot be read as per-sample targets by this version")
+        self.names = TARGET_ARRAYS[manifest.mode]
+        for name in self.names:
+            if name not in manifest.arrays:
+                raise CorruptShardError(f"{self.path}: the manifest lists no array {name!r}, which a {manifest.mode} cache must hold")
+        self._row_shapes = {name: tuple(manifest.arrays[name]["row_shape"]) for name in self.names}
+        self._dtypes = {name: np.dtype(manifest.arrays[name]["dtype"]) for name in self.names}
+        self.in_memory = self.nbytes <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
+        self.chunk_cache_bytes = int(chunk_cache_bytes)
+        self._memory: dict[str, np.ndarray] | None = None
+        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
+        self._chunk_bytes_held = 0
+        self.chunk_starts = self._chunk_table()
+
+    # -- shape of the cache ------------------------------------------------------------------
+
+    @property
+    def num_rows(self) -> int:
+        return self.manifest.num_rows
+
+    @property
+    def num_samples(self) -> int:
+        return self.manifest.num_samples
+
+    @property
+    def mode(self) -> str:
+        return self.manifest.mode
+
+    @property
+    def num_classes(self) -> int:
+        return self.manifest.num_classes
+
+    @property
+    def row_bytes(self) -> int:
+        return sum(self._dtypes[n].itemsize * int(np.prod(self._row_shapes[n], dtype=np.int64)) for n in self.names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the target arrays decoded (what in-memory mode holds)."""
+        return self.num_rows * self.row_bytes
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.manifest.chunk_rows) or self.shard(0).chunk_rows(self.names[0])
+
+    def _chunk_table(self) -> np.ndarray:
+        """First row of every chunk, in row order; chunks restart at each shard's first row."""
+        chunk = self.chunk_rows
+        starts = [np.arange(entry.row_start, entry.row_stop, chunk, dtype=np.int64) for entry in self.manifest.shards]
+        table = np.concatenate([*starts, np.array([self.num_rows], dtype=np.int64)])
+        self._shard_of_chunk = np.concatenate(
+            [np.full(len(s), position, dtype=np.int64) for position, s in enumerate(starts)] + [np.zeros(0, np.int64)]
+        )
+        return table
+
+    # -- pickling and processes ---------------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_memory"] = None
+        state["_chunks"] = OrderedDict()
+        state["_chunk_bytes_held"] = 0
+        return state
+
+    # -- reading -------------------------------------------------------------------------------
+
+    def load(self) -> LogitCache:
+        """Read the target arrays whole into memory (in-memory mode; a no-op otherwise or if done).
+
+        Call it before DataLoader workers fork so they share one copy.
+        """
+        if self.in_memory and self._memory is None:
+            self._memory = {name: self.read(name) for name in self.names}
+        return self
+
+    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
+        held = self._chunks.get(chunk)
+        if held is not None:
+            self._chunks.move_to_end(chunk)
+            return held
+        position = int(self._shard_of_chunk[chunk])
+        offset = self.manifest.shards[position].row_start
+        start, stop = int(self.chunk_starts[chunk]) - offset, int(self.chunk_starts[chunk + 1]) - offset
+        stop = min(stop, self.manifest.shards[position].row_stop - offset)
+        shard = self.shard(position)
+        data = {name: shard.read(name, start, stop) for name in self.names}
+        size = sum(array.nbytes for array in data.values())
+        self._chunks[chunk] = data
+        self._chunk_bytes_held += size
+        while self._chunk_bytes_held > self.chunk_cache_bytes and len(self._chunks) > 1:
+            _, dropped = self._chunks.popitem(last=False)
+            self._chunk_bytes_held -= sum(array.nbytes for array in dropped.values())
+        return data
+
+    def rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
+        """The target arrays at ``rows`` (in the order given), storage dtypes.
+
+        Rows are grouped by chunk and each chunk is read once, in chunk order.
+        """
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
+            bad = rows[(rows < 0) | (rows >= self.num_rows)][0]
+            raise UsageError(f"{self.path}: row {int(bad)} is out of range; the cache has {self.num_rows} rows")
+        if self.in_memory:
+            memory = self.load()._memory
+            return {name: memory[name][rows] for name in self.names}
+        out = {name: np.empty((len(rows), *self._row_shapes[name]), dtype=self._dtypes[name]) for name in self.names}
+        if not len(rows):
+            return out
+        chunk_of_row = np.searchsorted(self.chunk_starts, rows, side="right") - 1
+        order = np.argsort(chunk_of_row, kind="stable")
+        by_chunk = chunk_of_row[order]
+        cut = np.flatnonzero(np.diff(by_chunk)) + 1
+        for group in np.split(order, cut):
+            chunk = int(chunk_of_row[group[0]])
+            data = self._chunk(chunk)
+            local = rows[group] - self.chunk_starts[chunk]
+            for name in self.names:
+                out[name][group] = data[name][local]
+        return out
+
+    def targets(self, rows: Sequence[int] | np.ndarray) -> Targets:
+        """A :class:`Targets` batch of ``rows`` (host tensors in the storage dtypes)."""
+        return Targets.from_arrays(self.mode, self.num_classes, self.rows(rows))
+
+    def rows_of_samples(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The row of each dataset index (view 0 when a cache holds several views per sample)."""
+        return np.asarray(indices, dtype=np.int64) * self.manifest.views
+
+    # -- training helpers (loader.py) -----------------------------------------------------------
+
+    def wrap(self, dataset: Any, verify: str = "fingerprint") -> CachedDataset:
+        """The dataset with this cache's target appended to each item; see :class:`CachedDataset`."""
+        from .loader import CachedDataset
+
+        return CachedDataset(dataset, [self], verify=verify)
+
+    def sampler(self, shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
+        """A seeded, epoch-aware, chunk-aware sampler over this cache's samples; see :class:`ChunkShuffleSampler`."""
+        from .loader import ChunkShuffleSampler
+
+        return ChunkShuffleSampler.for_caches([self], shuffle=shuffle, seed=seed, **kwargs)
+
+    @staticmethod
+    def collate(batch: Any) -> Any:
+        """``collate_fn`` for a DataLoader over :meth:`wrap`: (inputs, labels, Targets)."""
+        from .loader import collate
+
+        return collate(batch)
+
+
+def open_cache(path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> LogitCache:
+    """Open a complete cache for training (read-only; an incomplete cache is refused).
+
+    ``in_memory``: None (default) holds the targets in memory when they decode to at most 512 MiB,
+    else reads chunks through an LRU of ``chunk_cache_bytes`` per process; True/False force it.
+    """
+    return LogitCache(path, in_memory=in_memory, chunk_cache_bytes=chunk_cache_bytes)

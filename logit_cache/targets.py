@@ -12,11 +12,22 @@ Modes and the arrays they produce (names are the cache format's, DESIGN.md secti
   ``sum(exp(topk_logits - logsumexp))``.
 
 Raw logits are stored, not probabilities: the temperature is applied when reading.
+:class:`Targets` is a batch of them as the loader delivers it, and :func:`topk_log_probs` turns
+top-k rows back into the teacher's log-probabilities at any temperature.
+
+The tail model (what top-k does not store). ``logsumexp`` gives the tail's exact mass at T=1,
+``r = 1 - sum_k exp(v_k - logsumexp)``, but not how it is spread over the other ``C - K`` classes,
+which matters at T != 1. We take it as spread evenly: every tail logit equal to ``u`` with
+``(C - K) * exp(u) = exp(logsumexp) * r``. That is exact at T=1 for any tail, exact at every T when
+the tail is flat, and otherwise (by the power-mean inequality) over-estimates the tail's mass at
+T > 1 and under-estimates it at T < 1. ``u`` never exceeds the smallest stored logit, since it is
+a mean of smaller values.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -85,3 +96,95 @@ def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str) -> Encode
 def topk_mass(topk_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
     """Probability mass of the stored top-k at T=1, per row: ``sum_k exp(v_k - logsumexp)``."""
     return torch.exp(topk_logits.float() - logsumexp.float()[..., None]).sum(dim=-1)
+
+
+#: log of the smallest mass we represent (relative to the row's total): keeps logs finite, so that
+#: an empty tail (K = C) gives zero loss and zero gradient instead of 0 * inf = NaN.
+LOG_MASS_FLOOR = -80.0
+
+
+@dataclass
+class Targets:
+    """A batch of cached teacher targets, as :meth:`LogitCache.collate` delivers them.
+
+    Full mode fills ``logits`` (B, C). Top-k mode fills ``values`` (B, K) raw logits, descending,
+    ``indices`` (B, K) class ids and ``logsumexp`` (B,) over all C raw logits. On the host they
+    keep the storage dtypes (float16 stays float16 in transit); :meth:`to` moves them and widens
+    values to float32 and ids to int64, which is what the losses do on their own device.
+    """
+
+    mode: str
+    num_classes: int
+    logits: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    indices: torch.Tensor | None = None
+    logsumexp: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.logits if self.mode == "full" else self.values)
+
+    @property
+    def k(self) -> int | None:
+        return None if self.values is None else int(self.values.shape[-1])
+
+    @property
+    def device(self) -> torch.device:
+        return (self.logits if self.mode == "full" else self.values).device
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
+        """On ``device``, values as float32 and ids as int64 (converted after the copy: fewer bytes move)."""
+        moved = {name: tensor.to(device, non_blocking=non_blocking) for name, tensor in self._tensors().items()}
+        for name, tensor in moved.items():
+            moved[name] = tensor.long() if name == "indices" else tensor.float()
+        return replace(self, **moved)
+
+    def pin_memory(self) -> Targets:
+        """Called by ``DataLoader(pin_memory=True)`` so host-to-GPU copies can be asynchronous."""
+        return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
+
+    @classmethod
+    def from_arrays(cls, mode: str, num_classes: int, arrays: Mapping[str, np.ndarray]) -> Targets:
+        """From the cache's logical arrays (numpy, storage dtypes), without copying."""
+        if mode == "full":
+            return cls(mode, num_classes, logits=torch.from_numpy(arrays["logits"]))
+        if mode == "topk":
+            return cls(
+                mode,
+                num_classes,
+                values=torch.from_numpy(arrays["topk_logits"]),
+                indices=torch.from_numpy(arrays["topk_indices"]),
+                logsumexp=torch.from_numpy(arrays["logsumexp"]),
+            )
+        raise ValueError(f"no batch form for mode {mode!r}")
+
+
+#: The logical arrays a loader reads for each mode (the cache's other arrays are not targets).
+TARGET_ARRAYS = {"full": ("logits",), "topk": ("topk_logits", "topk_indices", "logsumexp")}
+
+
+def topk_log_probs(
+    values: torch.Tensor, logsumexp: torch.Tensor, temperature: float, num_classes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's log-probabilities at ``temperature``: of its top-k (B, K) and of the tail (B,).
+
+    Uses the tail model of the module docstring; at T=1 both are exact. Logs are floored at
+    ``LOG_MASS_FLOOR`` (an empty or vanishing tail), never -inf.
+    """
+    values, logsumexp = values.float(), logsumexp.float()
+    tail_count = num_classes - values.shape[-1]
+    # log of the stored top-k's mass at T=1 (<= 0 up to float16 rounding of the values)
+    log_top_mass = torch.logsumexp(values - logsumexp[..., None], dim=-1).clamp(max=0.0)
+    # log(1 - exp(x)) without cancellation: -expm1 keeps the digits of a tiny tail
+    log_tail_mass = torch.log(-torch.expm1(log_top_mass)).clamp(min=LOG_MASS_FLOOR)
+    scaled = values / temperature
+    if tail_count == 0:
+        log_z = torch.logsumexp(scaled, dim=-1)
+        return scaled - log_z[..., None], torch.full_like(log_z, LOG_MASS_FLOOR)
+    log_count = float(np.log(tail_count))
+    tail_logit = logsumexp + log_tail_mass - log_count  # u: the mean tail logit (exp-mean)
+    log_tail_t = log_count + tail_logit / temperature
+    log_z = torch.logaddexp(torch.logsumexp(scaled, dim=-1), log_tail_t)
+    return scaled - log_z[..., None], (log_tail_t - log_z).clamp(min=LOG_MASS_FLOOR)

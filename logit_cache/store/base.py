@@ -99,6 +99,12 @@ class ShardReader(ABC):
                 f"{self.path}: array {name!r} rows {start}:{stop} cannot be read ({exc!r}); the shard is damaged"
             ) from exc
 
+    def chunk_rows(self, name: str) -> int:
+        """Rows per stored chunk of an array: the cheapest unit to read (a whole array if unchunked)."""
+        array = self._lookup(name)
+        chunks = getattr(array, "chunks", None)
+        return int(chunks[0]) if chunks else max(1, int(array.shape[0]))
+
     def blocks(self, name: str, block_rows: int = READ_BLOCK_ROWS) -> Iterator[np.ndarray]:
         rows = self.shape(name)[0]
         for start in range(0, rows, block_rows):

@@ -1,0 +1,268 @@
+"""Stream cached targets next to a dataset's items: the wrapper, the sampler, the collate function.
+
+    cache = open_cache("caches/digits-top10")
+    ds = cache.wrap(train_dataset)                          # items: (input, label, target)
+    loader = DataLoader(ds, batch_size=256, sampler=cache.sampler(shuffle=True, seed=0),
+                        collate_fn=cache.collate, num_workers=4)
+    for inputs, labels, target in loader: ...                # target: a Targets batch
+
+Alignment is by index: item ``i`` of the dataset gets the cache's row for sample ``i``. The wrapper
+checks the pairing before anything runs (length, and the dataset fingerprint recorded at dump
+time), so a cache is never silently paired with other data.
+
+Speed comes from three things (DESIGN.md section 6): the DataLoader hands the wrapper a whole
+batch of indices (``__getitems__``), so targets are read once per batch, a chunk at a time, not
+once per item; the sampler shuffles blocks of consecutive samples (a chunk each) and then rows
+within a window of blocks that the reader's chunk cache holds, so each chunk is decoded about once
+per epoch; and targets stay in their storage dtypes (float16, uint16) until they reach the
+consumer's device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Sampler, default_collate
+
+from .errors import DatasetMismatchError, UsageError
+from .fingerprint import dataset_fingerprint
+from .reader import LogitCache
+from .targets import Targets
+
+VERIFY_CHOICES = ("fingerprint", "length")
+
+
+class _TargetRow(Mapping):
+    """One item's target: a view of row ``j`` of a batch read (no copy until collated)."""
+
+    __slots__ = ("arrays", "j", "mode", "num_classes")
+
+    def __init__(self, arrays: dict[str, np.ndarray], j: int, mode: str, num_classes: int) -> None:
+        self.arrays, self.j, self.mode, self.num_classes = arrays, j, mode, num_classes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.arrays[name][self.j]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.arrays)
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+
+class _Fetched(list):
+    """The items of one batch, plus their targets already stacked (one per cache)."""
+
+    targets: list[Targets]
+
+
+def _attach(item: Any, target: Any) -> tuple:
+    """``(input, label)`` -> ``(input, label, target)``; a lone input -> ``(input, target)``."""
+    return (*item, target) if isinstance(item, (tuple, list)) else (item, target)
+
+
+class CachedDataset(torch.utils.data.Dataset):
+    """A map-style dataset whose items carry the cached targets of one or more caches.
+
+    With one cache the target is that cache's row; with several (teachers), a list of rows in the
+    order the caches were given. ``verify="fingerprint"`` (default) recomputes the dataset
+    fingerprint the dump recorded (spec, kwargs, length and 16 sampled items) and refuses a
+    mismatch; ``verify="length"`` checks only the length, for data that is deliberately not the
+    same bytes as at dump time (random augmentation applied on top of the dumped inputs).
+    """
+
+    def __init__(self, dataset: Any, caches: Sequence[LogitCache], verify: str = "fingerprint") -> None:
+        if verify not in VERIFY_CHOICES:
+            raise UsageError(f"verify={verify!r}: expected one of {', '.join(VERIFY_CHOICES)}")
+        if not caches:
+            raise UsageError("CachedDataset needs at least one cache")
+        self.dataset = dataset
+        self.caches = list(caches)
+        length = len(dataset)
+        fingerprints: dict[tuple[str, str], str] = {}
+        for cache in self.caches:
+            recorded = cache.manifest.dataset
+            if length != cache.num_samples:
+                raise DatasetMismatchError(
+                    f"{cache.path}: the dataset has {length} items but the cache holds {cache.num_samples} samples "
+                    f"(dumped from --dataset {recorded.get('spec')!r} with kwargs {recorded.get('kwargs', {})}); "
+                    f"pair the cache with the dataset it was dumped from"
+                )
+            if verify == "fingerprint":
+                spec, kwargs = str(recorded.get("spec")), dict(recorded.get("kwargs") or {})
+                token = (spec, repr(sorted(kwargs.items())))
+                if token not in fingerprints:
+                    fingerprints[token] = dataset_fingerprint(dataset, spec, kwargs)
+                if fingerprints[token] != recorded.get("fingerprint"):
+                    raise DatasetMismatchError(
+                        f"{cache.path}: the dataset's content differs from what the cache was dumped from "
+                        f"(--dataset {spec!r} with kwargs {kwargs}; fingerprints {fingerprints[token][:12]} here, "
+                        f"{str(recorded.get('fingerprint'))[:12]} in the manifest): a different split, order or "
+                        f"transform. Use the same dataset; if the difference is random augmentation you apply on "
+                        f"purpose, pass verify='length' (CLI: --verify length)"
+                    )
+            cache.load()  # in-memory caches: read now, so forked workers share one copy
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _target(self, targets: list[Targets]) -> Targets | list[Targets]:
+        return targets[0] if len(self.caches) == 1 else targets
+
+    def __getitem__(self, index: int) -> tuple:
+        """One item (slow path: prefer a DataLoader with a batch size, which calls :meth:`__getitems__`)."""
+        rows = [(cache, cache.rows(cache.rows_of_samples([index]))) for cache in self.caches]
+        targets = [_TargetRow(arrays, 0, cache.mode, cache.num_classes) for cache, arrays in rows]
+        return _attach(self.dataset[index], targets[0] if len(targets) == 1 else targets)
+
+    def __getitems__(self, indices: Sequence[int]) -> _Fetched:
+        """A batch of items, reading each cache's rows once, chunk by chunk."""
+        indices = list(indices)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        items = getitems(indices) if callable(getitems) else [self.dataset[i] for i in indices]
+        arrays = [cache.rows(cache.rows_of_samples(indices)) for cache in self.caches]
+        batch = _Fetched()
+        for j, item in enumerate(items):
+            rows = [_TargetRow(a, j, cache.mode, cache.num_classes) for cache, a in zip(self.caches, arrays, strict=True)]
+            batch.append(_attach(item, rows[0] if len(rows) == 1 else rows))
+        batch.targets = [Targets.from_arrays(c.mode, c.num_classes, a) for c, a in zip(self.caches, arrays, strict=True)]
+        return batch
+
+
+def _stack_rows(rows: Sequence[_TargetRow]) -> Targets:
+    first = rows[0]
+    arrays = {name: np.stack([row[name] for row in rows]) for name in first}
+    return Targets.from_arrays(first.mode, first.num_classes, arrays)
+
+
+def collate(batch: Sequence[tuple]) -> tuple:
+    """Collate ``(input, label, target)`` items to ``(inputs, labels, Targets)``.
+
+    Inputs and labels go through torch's ``default_collate``; targets come stacked from the batch
+    read (or are stacked here for items fetched one at a time). Several caches give a list of
+    Targets.
+    """
+    if not len(batch):
+        raise UsageError("cannot collate an empty batch")
+    head = default_collate([tuple(item[:-1]) for item in batch])
+    targets = getattr(batch, "targets", None)
+    if targets is None:
+        last = [item[-1] for item in batch]
+        if isinstance(last[0], _TargetRow):
+            targets = [_stack_rows(last)]
+        else:
+            targets = [_stack_rows([item[position] for item in last]) for position in range(len(last[0]))]
+        single = isinstance(last[0], _TargetRow)
+    else:
+        single = not isinstance(batch[0][-1], list)
+    return (*head, targets[0] if single else targets)
+
+
+def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    if num_replicas is None or rank is None:
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if ready else 1)
+        rank = rank if rank is not None else (torch.distributed.get_rank() if ready else 0)
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise UsageError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+    return num_replicas, rank
+
+
+class ChunkShuffleSampler(Sampler[int]):
+    """Seeded, epoch-aware, chunk-aware shuffling, partitioned across distributed ranks.
+
+    Each epoch: the samples are cut into blocks of ``block_size`` consecutive indices (one cache
+    chunk each), the blocks are permuted, and the samples of each run of ``window`` samples (whole
+    blocks) are shuffled together. When the window covers everything (``window=None`` with no
+    block structure, or an in-memory cache) this is one plain permutation. The order depends only
+    on ``(seed, epoch)``: call :meth:`set_epoch` before each epoch, as with ``DistributedSampler``.
+
+    Ranks: the epoch's order is padded (repeating its start) to a multiple of ``num_replicas``, or
+    cut with ``drop_last``, and rank ``r`` takes the ``r``-th contiguous share, so every rank gets
+    the same number of samples and, without padding, the shares are disjoint and cover the data.
+    Contiguous shares keep each rank's reads within its own chunks.
+    """
+
+    def __init__(
+        self,
+        num_samples: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        block_size: int = 1,
+        window: int | None = None,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        drop_last: bool = False,
+    ) -> None:
+        if num_samples < 1:
+            raise UsageError(f"num_samples must be positive, got {num_samples}")
+        if block_size < 1:
+            raise UsageError(f"block_size must be positive, got {block_size}")
+        self.num_samples, self.shuffle, self.seed = int(num_samples), bool(shuffle), int(seed)
+        self.block_size = int(block_size)
+        self.window = None if window is None else max(self.block_size, int(window))
+        self.num_replicas, self.rank = _distributed_defaults(num_replicas, rank)
+        self.drop_last = bool(drop_last)
+        self.epoch = 0
+        if self.drop_last:
+            self.per_rank = self.num_samples // self.num_replicas
+            if self.per_rank == 0:
+                raise UsageError(f"{self.num_samples} samples cannot give each of {self.num_replicas} ranks one with drop_last")
+        else:
+            self.per_rank = math.ceil(self.num_samples / self.num_replicas)
+
+    @classmethod
+    def for_caches(cls, caches: Sequence[LogitCache], shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
+        """Blocks of one chunk; a window that the chunk cache holds, or everything for in-memory caches."""
+        cache = caches[0]
+        block = max(1, cache.chunk_rows // max(1, cache.manifest.views))
+        if all(c.in_memory for c in caches):
+            kwargs.setdefault("window", None)
+            kwargs.setdefault("block_size", 1)
+        else:
+            held_chunks = min(c.chunk_cache_bytes // max(1, c.chunk_rows * c.row_bytes) for c in caches)
+            # one chunk spare: a batch may straddle two windows
+            kwargs.setdefault("window", max(1, held_chunks - 1) * block)
+            kwargs.setdefault("block_size", block)
+        return cls(cache.num_samples, shuffle=shuffle, seed=seed, **kwargs)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def order(self) -> np.ndarray:
+        """This epoch's order of all samples (before the split across ranks)."""
+        n = self.num_samples
+        if not self.shuffle:
+            return np.arange(n, dtype=np.int64)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        if (self.window is None and self.block_size == 1) or (self.window is not None and self.window >= n):
+            return rng.permutation(n).astype(np.int64)
+        block_starts = np.arange(0, n, self.block_size, dtype=np.int64)
+        blocks = [np.arange(s, min(n, s + self.block_size), dtype=np.int64) for s in rng.permutation(block_starts)]
+        if self.window is None:
+            return np.concatenate(blocks)
+        per_window = max(1, self.window // self.block_size)
+        out = []
+        for first in range(0, len(blocks), per_window):
+            pooled = np.concatenate(blocks[first : first + per_window])
+            out.append(pooled[rng.permutation(len(pooled))])
+        return np.concatenate(out)
+
+    def indices(self) -> np.ndarray:
+        """This rank's share of this epoch's order."""
+        order = self.order()
+        total = self.per_rank * self.num_replicas
+        if total > len(order):
+            order = np.resize(order, total)  # repeats the start, like DistributedSampler's padding
+        start = self.rank * self.per_rank
+        return order[start : start + self.per_rank]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices().tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
