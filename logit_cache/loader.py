@@ -224,9 +224,8 @@ class ChunkShuffleSampler(Sampler[int]):
             kwargs.setdefault("window", None)
             kwargs.setdefault("block_size", 1)
         else:
-            held_chunks = min(c.chunk_cache_bytes // max(1, c.chunk_rows * c.row_bytes) for c in caches)
-            # one chunk spare: a batch may straddle two windows
-            kwargs.setdefault("window", max(1, held_chunks - 1) * block)
+            # one slot spare: a batch may straddle two windows
+            kwargs.setdefault("window", max(1, min(c.slots for c in caches) - 1) * block)
             kwargs.setdefault("block_size", block)
         return cls(cache.num_samples, shuffle=shuffle, seed=seed, **kwargs)
 

@@ -4,7 +4,8 @@ Opening a cache writes nothing. An incomplete cache is refused unless ``allow_in
 (what resumption and ``info`` use). The unit of I/O is a whole chunk, never a row: one Zarr call
 costs about a millisecond whatever it returns (DESIGN.md section 6), so :class:`LogitCache` reads
 the chunks a batch touches, in chunk order, and serves rows from the decoded chunks. A small cache
-is read whole into memory once; a large one goes through a bounded LRU of decoded chunks.
+is read whole into memory once; a large one goes through a bounded LRU of decoded chunks (a slab
+of chunk-sized slots, so a batch is gathered with one numpy index per array).
 
 Processes: shard handles are opened lazily and dropped when the process id changes (a forked
 DataLoader worker) or the object is pickled (spawned workers), so each process opens its own.
@@ -15,7 +16,6 @@ worker re-reads them rather than receiving them through a pipe).
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -130,9 +130,8 @@ class LogitCache(CacheReader):
         self.in_memory = self.nbytes <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._memory: dict[str, np.ndarray] | None = None
-        self._chunks: OrderedDict[int, dict[str, np.ndarray]] = OrderedDict()
-        self._chunk_bytes_held = 0
         self.chunk_starts = self._chunk_table()
+        self._reset_slab()
 
     # -- shape of the cache ------------------------------------------------------------------
 
@@ -180,9 +179,12 @@ class LogitCache(CacheReader):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_memory"] = None
-        state["_chunks"] = OrderedDict()
-        state["_chunk_bytes_held"] = 0
+        state["_slab"] = None
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._reset_slab()
 
     # -- reading -------------------------------------------------------------------------------
 
@@ -195,29 +197,47 @@ class LogitCache(CacheReader):
             self._memory = {name: self.read(name) for name in self.names}
         return self
 
-    def _chunk(self, chunk: int) -> dict[str, np.ndarray]:
-        held = self._chunks.get(chunk)
-        if held is not None:
-            self._chunks.move_to_end(chunk)
-            return held
-        position = int(self._shard_of_chunk[chunk])
-        offset = self.manifest.shards[position].row_start
-        start, stop = int(self.chunk_starts[chunk]) - offset, int(self.chunk_starts[chunk + 1]) - offset
-        stop = min(stop, self.manifest.shards[position].row_stop - offset)
-        shard = self.shard(position)
-        data = {name: shard.read(name, start, stop) for name in self.names}
-        size = sum(array.nbytes for array in data.values())
-        self._chunks[chunk] = data
-        self._chunk_bytes_held += size
-        while self._chunk_bytes_held > self.chunk_cache_bytes and len(self._chunks) > 1:
-            _, dropped = self._chunks.popitem(last=False)
-            self._chunk_bytes_held -= sum(array.nbytes for array in dropped.values())
-        return data
+    # The chunk cache is a slab: ``slots`` chunk-sized slots per array, a chunk -> slot map and a
+    # last-use clock per slot (LRU). Rows are then gathered with one fancy index per array, whatever
+    # the number of chunks a batch touches: a loop over chunks would cost microseconds per chunk,
+    # and a shuffled batch touches up to one chunk per row.
+
+    def _reset_slab(self) -> None:
+        chunks = len(self.chunk_starts) - 1
+        chunk_bytes = max(1, self.chunk_rows * self.row_bytes)
+        self.slots = max(2, min(chunks, self.chunk_cache_bytes // chunk_bytes))
+        self._slab: dict[str, np.ndarray] | None = None
+        self._slot_of_chunk = np.full(chunks, -1, dtype=np.int64)
+        self._chunk_in_slot = np.full(self.slots, -1, dtype=np.int64)
+        self._last_used = np.zeros(self.slots, dtype=np.int64)
+        self._clock = 0
+
+    def _fill(self, chunks: np.ndarray) -> None:
+        """Make sure ``chunks`` (sorted, at most ``slots`` of them) are in the slab, reading the missing ones in order."""
+        if self._slab is None:
+            rows = self.slots * self.chunk_rows
+            self._slab = {name: np.empty((rows, *self._row_shapes[name]), dtype=self._dtypes[name]) for name in self.names}
+        self._clock += 1
+        present = self._slot_of_chunk[chunks]
+        self._last_used[present[present >= 0]] = self._clock
+        for chunk in chunks[present < 0].tolist():
+            slot = int(np.argmin(self._last_used))  # least recently used; this batch's slots are newest
+            if self._chunk_in_slot[slot] >= 0:
+                self._slot_of_chunk[self._chunk_in_slot[slot]] = -1
+            position = int(self._shard_of_chunk[chunk])
+            offset = self.manifest.shards[position].row_start
+            start, stop = int(self.chunk_starts[chunk]) - offset, int(self.chunk_starts[chunk + 1]) - offset
+            shard = self.shard(position)
+            base = slot * self.chunk_rows
+            for name in self.names:
+                self._slab[name][base : base + stop - start] = shard.read(name, start, stop)
+            self._slot_of_chunk[chunk], self._chunk_in_slot[slot] = slot, chunk
+            self._last_used[slot] = self._clock
 
     def rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The target arrays at ``rows`` (in the order given), storage dtypes.
 
-        Rows are grouped by chunk and each chunk is read once, in chunk order.
+        Each chunk the rows touch is read once, in chunk order, and the rows are gathered from it.
         """
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
@@ -226,20 +246,18 @@ class LogitCache(CacheReader):
         if self.in_memory:
             memory = self.load()._memory
             return {name: memory[name][rows] for name in self.names}
-        out = {name: np.empty((len(rows), *self._row_shapes[name]), dtype=self._dtypes[name]) for name in self.names}
-        if not len(rows):
-            return out
         chunk_of_row = np.searchsorted(self.chunk_starts, rows, side="right") - 1
-        order = np.argsort(chunk_of_row, kind="stable")
-        by_chunk = chunk_of_row[order]
-        cut = np.flatnonzero(np.diff(by_chunk)) + 1
-        for group in np.split(order, cut):
-            chunk = int(chunk_of_row[group[0]])
-            data = self._chunk(chunk)
-            local = rows[group] - self.chunk_starts[chunk]
-            for name in self.names:
-                out[name][group] = data[name][local]
-        return out
+        needed = np.unique(chunk_of_row)
+        if len(needed) > self.slots:  # more chunks than the slab holds: in pieces of whole chunks
+            out = {name: np.empty((len(rows), *self._row_shapes[name]), dtype=self._dtypes[name]) for name in self.names}
+            for first in range(0, len(needed), self.slots):
+                piece = np.isin(chunk_of_row, needed[first : first + self.slots])
+                for name, values in self.rows(rows[piece]).items():
+                    out[name][piece] = values
+            return out
+        self._fill(needed)
+        flat = self._slot_of_chunk[chunk_of_row] * self.chunk_rows + (rows - self.chunk_starts[chunk_of_row])
+        return {name: self._slab[name][flat] for name in self.names}
 
     def targets(self, rows: Sequence[int] | np.ndarray) -> Targets:
         """A :class:`Targets` batch of ``rows`` (host tensors in the storage dtypes)."""
