@@ -16,8 +16,9 @@ do with the other ``C - K`` classes (the tail) is a choice, ``tail=``:
   (the student through a log-softmax over its logits at those ids). Ignores how much mass the tail
   holds; cheapest.
 * ``"ignore"``: the top-k terms of the full KL, ``sum_k p_k (log p_k - log q_k)``, with the
-  teacher's true probabilities and the student's log-softmax over all classes; the tail's terms
-  are dropped (not a divergence any more: it can be negative).
+  teacher's probabilities normalised over all C classes (exact at T=1; at other T through the
+  tail model's normaliser, as for ``rest``) and the student's log-softmax over all classes; the
+  tail's terms are dropped (not a divergence any more: it can be negative).
 
 Several caches (teachers): their distributions are averaged in probability space, then the same
 loss is taken against the average. Each teacher's distribution is made dense over the C classes
@@ -29,6 +30,7 @@ single-teacher loss. The dense form costs O(rows x C), fine for classification.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,8 @@ def _as_targets(target: TargetLike, device: torch.device) -> Targets:
             raise TargetMismatchError(f"teacher logits must be [batch, classes], got shape {tuple(target.shape)}")
         return Targets("full", int(target.shape[1]), logits=target.detach().to(device).float())
     if isinstance(target, Targets):
-        return target.to(device, non_blocking=True) if target.device != device or _narrow(target) else target
+        moved = target.to(device, non_blocking=True) if target.device != device or _narrow(target) else target
+        return replace(moved, **{name: tensor.detach() for name, tensor in moved._tensors().items()})  # teachers get no grads
     raise TargetMismatchError(f"expected a Targets batch or a tensor of teacher logits, got {type(target).__name__}")
 
 
