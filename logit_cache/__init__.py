@@ -9,20 +9,35 @@ __version__ = "0.1.0"
 
 from .dump import DumpConfig, DumpResult, dump
 from .errors import LogitCacheError
+from .loader import CachedDataset, ChunkShuffleSampler
+from .losses import DistillationLoss, KLDivergence, kd_loss
 from .manifest import Manifest, read_manifest
-from .reader import CacheReader, open_reader
+from .reader import CacheReader, LogitCache, open_cache, open_reader
+from .targets import Targets
 from .teacher import Teacher, load_teacher
+from .train import TrainConfig, TrainResult, train
 
 __all__ = [
     "CacheReader",
+    "CachedDataset",
+    "ChunkShuffleSampler",
+    "DistillationLoss",
     "DumpConfig",
     "DumpResult",
+    "KLDivergence",
+    "LogitCache",
     "LogitCacheError",
     "Manifest",
+    "Targets",
     "Teacher",
+    "TrainConfig",
+    "TrainResult",
     "__version__",
     "dump",
+    "kd_loss",
     "load_teacher",
+    "open_cache",
     "open_reader",
     "read_manifest",
+    "train",
 ]
