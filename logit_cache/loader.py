@@ -54,10 +54,38 @@ class _TargetRow(Mapping):
         return len(self.arrays)
 
 
-class _Fetched(list):
-    """The items of one batch, plus their targets already stacked (one per cache)."""
+class _Fetched:
+    """One batch from :meth:`CachedDataset.__getitems__`: the dataset's items and the targets, stacked.
 
-    targets: list[Targets]
+    :func:`collate` takes both parts as they are, with no per-item work. Anything else (torch's
+    ``default_collate``, a user's collate) sees a sequence of ``(input, label, target)`` items,
+    built on first access.
+    """
+
+    __slots__ = ("_items", "arrays", "caches", "items", "targets")
+
+    def __init__(self, items: list, arrays: list[dict[str, np.ndarray]], caches: list[LogitCache]) -> None:
+        self.items, self.arrays, self.caches = items, arrays, caches
+        self.targets = [Targets.from_arrays(c.mode, c.num_classes, a) for c, a in zip(caches, arrays, strict=True)]
+        self._items: list[tuple] | None = None
+
+    def _attached(self) -> list[tuple]:
+        if self._items is None:
+            attached = []
+            for j, item in enumerate(self.items):
+                rows = [_TargetRow(a, j, c.mode, c.num_classes) for c, a in zip(self.caches, self.arrays, strict=True)]
+                attached.append(_attach(item, rows[0] if len(rows) == 1 else rows))
+            self._items = attached
+        return self._items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._attached()[index]
+
+    def __iter__(self) -> Iterator[tuple]:
+        return iter(self._attached())
 
 
 def _attach(item: Any, target: Any) -> tuple:
@@ -124,13 +152,7 @@ class CachedDataset(torch.utils.data.Dataset):
         indices = list(indices)
         getitems = getattr(self.dataset, "__getitems__", None)
         items = getitems(indices) if callable(getitems) else [self.dataset[i] for i in indices]
-        arrays = [cache.rows(cache.rows_of_samples(indices)) for cache in self.caches]
-        batch = _Fetched()
-        for j, item in enumerate(items):
-            rows = [_TargetRow(a, j, cache.mode, cache.num_classes) for cache, a in zip(self.caches, arrays, strict=True)]
-            batch.append(_attach(item, rows[0] if len(rows) == 1 else rows))
-        batch.targets = [Targets.from_arrays(c.mode, c.num_classes, a) for c, a in zip(self.caches, arrays, strict=True)]
-        return batch
+        return _Fetched(list(items), [cache.rows(cache.rows_of_samples(indices)) for cache in self.caches], self.caches)
 
 
 def _stack_rows(rows: Sequence[_TargetRow]) -> Targets:
@@ -144,22 +166,23 @@ def collate(batch: Sequence[tuple]) -> tuple:
 
     Inputs and labels go through torch's ``default_collate``; targets come stacked from the batch
     read (or are stacked here for items fetched one at a time). Several caches give a list of
-    Targets.
+    Targets; items without labels give ``(inputs, Targets)``.
     """
     if not len(batch):
         raise UsageError("cannot collate an empty batch")
-    head = default_collate([tuple(item[:-1]) for item in batch])
-    targets = getattr(batch, "targets", None)
-    if targets is None:
-        last = [item[-1] for item in batch]
-        if isinstance(last[0], _TargetRow):
-            targets = [_stack_rows(last)]
-        else:
-            targets = [_stack_rows([item[position] for item in last]) for position in range(len(last[0]))]
-        single = isinstance(last[0], _TargetRow)
+    if isinstance(batch, _Fetched):  # the batched path: no per-item work
+        head = default_collate(batch.items)
+        targets = batch.targets
+        single = len(targets) == 1
+        paired = isinstance(batch.items[0], (tuple, list))
     else:
-        single = not isinstance(batch[0][-1], list)
-    return (*head, targets[0] if single else targets)
+        head = default_collate([tuple(item[:-1]) for item in batch])
+        last = [item[-1] for item in batch]
+        single = isinstance(last[0], _TargetRow)
+        targets = [_stack_rows(last)] if single else [_stack_rows([item[p] for item in last]) for p in range(len(last[0]))]
+        paired = True
+    target = targets[0] if single else targets
+    return (*head, target) if paired else (head, target)
 
 
 def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -224,8 +247,9 @@ class ChunkShuffleSampler(Sampler[int]):
             kwargs.setdefault("window", None)
             kwargs.setdefault("block_size", 1)
         else:
-            # one slot spare: a batch may straddle two windows
-            kwargs.setdefault("window", max(1, min(c.slots for c in caches) - 1) * block)
+            # Half the slots: a batch straddling two windows touches chunks of both, and all of them
+            # must fit at once, or that batch is read in pieces and chunks are decoded again.
+            kwargs.setdefault("window", max(1, min(c.slots for c in caches) // 2) * block)
             kwargs.setdefault("block_size", block)
         return cls(cache.num_samples, shuffle=shuffle, seed=seed, **kwargs)
 

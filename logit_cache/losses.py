@@ -91,7 +91,7 @@ def _log_tail(scaled: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     """log of the student's mass outside ``support`` (B,), relative to its log-partition.
 
     A floor column (the row's log-partition + LOG_MASS_FLOOR, constant) keeps an empty tail finite
-    with zero gradient.
+    with zero gradient. (The several-teacher path; one teacher takes the fused :class:`_TopkKL`.)
     """
     log_z = torch.logsumexp(scaled, dim=-1)  # (B,)
     outside = scaled.masked_fill(support, float("-inf"))
@@ -99,21 +99,87 @@ def _log_tail(scaled: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(torch.cat([outside, floor], dim=-1), dim=-1) - log_z
 
 
+class _FullKL(torch.autograd.Function):
+    """Sum over rows of KL(softmax(t/T) || softmax(s/T)), with its closed-form gradient.
+
+    d/dz KL(p || softmax(z)) = softmax(z) - p, so the backward is one subtraction instead of
+    autograd's chain through log_softmax and kl_div: the KD loss runs over (B, C) at every step,
+    and on a small student those passes cost as much as the student (BENCHMARKS.md).
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C)
+        log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)  # (B, C)
+        p = log_p.exp()
+        value = (p * (log_p - log_q)).sum()
+        ctx.save_for_backward(log_q.exp_(), p)
+        ctx.temperature, ctx.dtype = temperature, student_logits.dtype
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        q, p = ctx.saved_tensors
+        return ((q - p) * (grad / ctx.temperature)).to(ctx.dtype), None, None
+
+
+class _TopkKL(torch.autograd.Function):
+    """Sum over rows of the top-k KL with the ``rest`` or ``ignore`` tail, with its closed-form gradient.
+
+    With ``q = softmax(z)``, ``z = s/T``, teacher top-k probabilities ``p_k`` and tail mass ``p_r``:
+
+    * ``ignore``: ``L = sum_k p_k (log p_k - log q_k)``; ``dL/dz_j = q_j P - [j in K] p_j``, ``P = sum_k p_k``.
+    * ``rest``: ``L += p_r (log p_r - log q_r)`` with ``q_r`` the student's mass outside K;
+      ``dL/dz_j = q_j - p_j`` on K and ``q_j (1 - p_r / q_r)`` elsewhere (as ``sum_k p_k + p_r = 1``).
+
+    ``q_r`` is summed over the tail's own probabilities (no ``1 - sum_k q_k`` cancellation) and its
+    log is floored at ``LOG_MASS_FLOOR``, so an empty tail (K = C) gives zero loss and gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits: torch.Tensor, log_p: torch.Tensor, log_rest: torch.Tensor, ids: torch.Tensor,
+                temperature: float, rest: bool) -> torch.Tensor:
+        z = student_logits.float() / temperature  # (B, C), a new tensor: ours to overwrite
+        log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
+        log_q_k = z.gather(1, ids) - log_z  # (B, K)
+        q = z.sub_(log_z).exp_()  # (B, C)
+        p = log_p.exp()  # (B, K)
+        value = (p * (log_p - log_q_k)).sum()
+        if rest:
+            q.scatter_(1, ids, 0.0)  # q now holds the tail only
+            log_q_r = torch.log(q.sum(dim=-1)).clamp(min=LOG_MASS_FLOOR)  # (B,)
+            p_r = log_rest.exp()
+            value = value + (p_r * (log_rest - log_q_r)).sum()
+            row_scale = 1.0 - p_r / log_q_r.exp()  # (B,); the floored log: never a division by 0
+            ctx.save_for_backward(q, row_scale, log_q_k.exp(), p, ids)
+        else:
+            ctx.save_for_backward(q, p.sum(dim=-1), log_q_k, p, ids)
+        ctx.temperature, ctx.dtype, ctx.rest = temperature, student_logits.dtype, rest
+        return value
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, row_scale, top_q, p, ids = ctx.saved_tensors
+        scale = grad / ctx.temperature
+        out = q * (row_scale * scale)[:, None]  # rest: the tail's q_j (1 - p_r / q_r); ignore: q_j P
+        if ctx.rest:
+            out.scatter_(1, ids, (top_q - p) * scale)  # the top-k: q_k - p_k
+        else:
+            out.scatter_add_(1, ids, -p * scale)  # q_k P - p_k on the top-k
+        return out.to(ctx.dtype), None, None, None, None, None
+
+
 def _topk_kl(student_logits: torch.Tensor, target: Targets, temperature: float, tail: str) -> torch.Tensor:
     """Sum over rows of the top-k KL with the chosen tail (not yet scaled by T^2 / B)."""
-    scaled = student_logits.float() / temperature  # (B, C)
     ids = target.indices  # (B, K)
-    if tail == "renormalize":
+    if tail == "renormalize":  # K-wide only: autograd is cheap here
         teacher = F.log_softmax(target.values / temperature, dim=-1)  # (B, K)
-        student = F.log_softmax(scaled.gather(1, ids), dim=-1)
+        student = F.log_softmax(student_logits.float().gather(1, ids) / temperature, dim=-1)
         return F.kl_div(student, teacher, reduction="sum", log_target=True)
     log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, target.num_classes)  # (B, K), (B,)
-    log_q = F.log_softmax(scaled, dim=-1).gather(1, ids)  # (B, K)
-    kl = (log_p.exp() * (log_p - log_q)).sum()
-    if tail == "ignore":
-        return kl
-    support = torch.zeros_like(scaled, dtype=torch.bool).scatter_(1, ids, True)
-    return kl + (log_rest.exp() * (log_rest - _log_tail(scaled, support))).sum()
+    return _TopkKL.apply(student_logits, log_p, log_rest, ids, temperature, tail == "rest")
 
 
 def _dense(target: Targets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -179,9 +245,7 @@ def kd_loss(
     if len(targets) == 1:
         (single,) = targets
         if single.mode == "full":
-            teacher = F.log_softmax(single.logits / temperature, dim=-1)
-            student = F.log_softmax(student_logits.float() / temperature, dim=-1)
-            total = F.kl_div(student, teacher, reduction="sum", log_target=True)
+            total = _FullKL.apply(student_logits, single.logits, temperature)
         else:
             total = _topk_kl(student_logits, single, temperature, strategies.pop())
     else:

@@ -15,6 +15,7 @@ worker re-reads them rather than receiving them through a pipe).
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -29,6 +30,8 @@ from .targets import TARGET_ARRAYS, Targets
 
 if TYPE_CHECKING:
     from .loader import CachedDataset, ChunkShuffleSampler
+
+log = logging.getLogger(__name__)
 
 #: Caches whose target arrays decode to at most this many bytes are held in memory by default.
 IN_MEMORY_BYTES = 512 << 20
@@ -211,6 +214,8 @@ class LogitCache(CacheReader):
         self._chunk_in_slot = np.full(self.slots, -1, dtype=np.int64)
         self._last_used = np.zeros(self.slots, dtype=np.int64)
         self._clock = 0
+        self._decodes = self._rows_served = 0
+        self._warned = False
 
     def _fill(self, chunks: np.ndarray) -> None:
         """Make sure ``chunks`` (sorted, at most ``slots`` of them) are in the slab, reading the missing ones in order."""
@@ -233,6 +238,26 @@ class LogitCache(CacheReader):
                 self._slab[name][base : base + stop - start] = shard.read(name, start, stop)
             self._slot_of_chunk[chunk], self._chunk_in_slot[slot] = slot, chunk
             self._last_used[slot] = self._clock
+            self._decodes += 1
+        self._warn_if_thrashing()
+
+    def _warn_if_thrashing(self) -> None:
+        """Say so, once, when chunks are decoded for a few rows each: a sampler that ignores chunks.
+
+        Chunk-aware reading serves about ``chunk_rows`` rows per decode; a plain random permutation
+        over a cache larger than the chunk cache serves about one, 50x to 100x slower (BENCHMARKS.md).
+        """
+        if self._warned or self._decodes < 4 * self.slots + 64:
+            return
+        rows_per_decode = self._rows_served / self._decodes
+        if rows_per_decode < self.chunk_rows / 16:
+            self._warned = True
+            log.warning(
+                "%s: %d chunk reads served %d rows (%.1f rows each, of %d per chunk): the sampler's order ignores the "
+                "cache's chunks, so they are read again and again. Use cache.sampler(...) (chunk-aware), "
+                "open_cache(..., in_memory=True) if the targets fit in memory, or a larger chunk_cache_bytes",
+                self.path, self._decodes, self._rows_served, rows_per_decode, self.chunk_rows,
+            )
 
     def rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         """The target arrays at ``rows`` (in the order given), storage dtypes.
@@ -255,6 +280,7 @@ class LogitCache(CacheReader):
                 for name, values in self.rows(rows[piece]).items():
                     out[name][piece] = values
             return out
+        self._rows_served += len(rows)
         self._fill(needed)
         flat = self._slot_of_chunk[chunk_of_row] * self.chunk_rows + (rows - self.chunk_starts[chunk_of_row])
         return {name: self._slab[name][flat] for name in self.names}

@@ -6,10 +6,14 @@ pytest, in CliRunner and in subprocesses (torchrun, kill -9 tests).
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
+import zarr
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -144,3 +148,17 @@ def needs_real_tensors() -> nn.Module:
     if float(model[1].weight.abs().sum().item()) < 0:
         raise AssertionError("unreachable")
     return model
+
+
+def read_plain(out: Path, name: str) -> np.ndarray:
+    """Concatenate an array over the shards with plain zarr / h5py, as a non-user of our code would."""
+    manifest = json.loads((out / "manifest.json").read_text())
+    parts = []
+    for shard in manifest["shards"]:
+        path = out / shard["path"]
+        if manifest["backend"] == "zarr":
+            parts.append(zarr.open_group(str(path), mode="r")[name][:])
+        else:
+            with h5py.File(path, "r") as handle:
+                parts.append(handle[name][:])
+    return np.concatenate(parts)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
 import zarr
 from conftest import ARCH, ARCH_KWARGS, make_teacher
-from data_factories import RandomImages, spec
+from data_factories import RandomImages, read_plain, spec
 
 from logit_cache.datasets import DigitsDataset
 from logit_cache.reader import open_reader
@@ -24,20 +23,6 @@ def expected_logits(n: int = N, seed: int = 0, scale: float = 1.0) -> torch.Tens
     data = RandomImages(n, seed, scale=scale)
     with torch.no_grad():
         return make_teacher()(data.images)  # (N, 10)
-
-
-def read_plain(out: Path, name: str) -> np.ndarray:
-    """Concatenate an array over the shards with plain zarr / h5py, as a non-user of our code would."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    parts = []
-    for shard in manifest["shards"]:
-        path = out / shard["path"]
-        if manifest["backend"] == "zarr":
-            parts.append(zarr.open_group(str(path), mode="r")[name][:])
-        else:
-            with h5py.File(path, "r") as handle:
-                parts.append(handle[name][:])
-    return np.concatenate(parts)
 
 
 def dump_args(ckpt: Path, out: Path, *extra: str, n: int = N) -> list[str]:

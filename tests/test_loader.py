@@ -12,13 +12,11 @@ import pickle
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pytest
 import torch
-import zarr
 from conftest import ARCH, make_teacher
-from data_factories import spec, unlabeled_images
+from data_factories import read_plain, spec, unlabeled_images
 from torch.utils.data import DataLoader, Dataset
 
 import logit_cache
@@ -73,20 +71,6 @@ def topk64(logits: np.ndarray, k: int = K) -> tuple[np.ndarray, np.ndarray, np.n
     wide = logits.astype(np.float64)
     lse = np.log(np.exp(wide - wide.max(1, keepdims=True)).sum(1)) + wide.max(1)
     return ids, np.take_along_axis(logits, ids, axis=1), lse
-
-
-def read_plain(out: Path, name: str) -> np.ndarray:
-    """An array over all shards with plain zarr / h5py, concatenated."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    parts = []
-    for shard in manifest["shards"]:
-        path = out / shard["path"]
-        if manifest["backend"] == "zarr":
-            parts.append(zarr.open_group(str(path), mode="r")[name][:])
-        else:
-            with h5py.File(path, "r") as handle:
-                parts.append(handle[name][:])
-    return np.concatenate(parts)
 
 
 def check_topk(target: Targets, rows: np.ndarray, expected: np.ndarray) -> None:
