@@ -240,10 +240,11 @@ class ChunkShuffleSampler(Sampler[int]):
 
     @classmethod
     def for_caches(cls, caches: Sequence[LogitCache], shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
-        """Blocks of one chunk; a window that the chunk cache holds, or everything for in-memory caches."""
+        """Blocks of one chunk and a window of half the chunk cache's slots; a plain permutation when
+        the caches are in memory or their chunk caches hold every chunk."""
         cache = caches[0]
         block = max(1, cache.chunk_rows // max(1, cache.manifest.views))
-        if all(c.in_memory for c in caches):
+        if all(c.in_memory or c.slots >= c.num_chunks for c in caches):  # every chunk fits at once: any order is cheap
             kwargs.setdefault("window", None)
             kwargs.setdefault("block_size", 1)
         else:

@@ -164,6 +164,10 @@ class LogitCache(CacheReader):
         return self.num_rows * self.row_bytes
 
     @property
+    def num_chunks(self) -> int:
+        return len(self.chunk_starts) - 1
+
+    @property
     def chunk_rows(self) -> int:
         return int(self.manifest.chunk_rows) or self.shard(0).chunk_rows(self.names[0])
 
