@@ -54,7 +54,10 @@ def _as_targets(target: TargetLike, device: torch.device) -> Targets:
         return Targets("full", int(target.shape[1]), logits=target.detach().to(device).float())
     if isinstance(target, Targets):
         moved = target.to(device, non_blocking=True) if target.device != device or _narrow(target) else target
-        return replace(moved, **{name: tensor.detach() for name, tensor in moved._tensors().items()})  # teachers get no grads
+        tensors = moved._tensors()
+        if any(tensor.requires_grad for tensor in tensors.values()):  # teachers get no gradients
+            moved = replace(moved, **{name: tensor.detach() for name, tensor in tensors.items()})
+        return moved
     raise TargetMismatchError(f"expected a Targets batch or a tensor of teacher logits, got {type(target).__name__}")
 
 
@@ -140,10 +143,9 @@ class _TopkKL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student_logits: torch.Tensor, log_p: torch.Tensor, log_rest: torch.Tensor, ids: torch.Tensor,
                 temperature: float, rest: bool) -> torch.Tensor:
-        z = student_logits.float() / temperature  # (B, C), a new tensor: ours to overwrite
-        log_z = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
-        log_q_k = z.gather(1, ids) - log_z  # (B, K)
-        q = z.sub_(log_z).exp_()  # (B, C)
+        log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (B, C); one fused pass, unlike logsumexp
+        log_q_k = log_q.gather(1, ids)  # (B, K)
+        q = log_q.exp_()  # (B, C), in place: log_q is ours and not needed again
         p = log_p.exp()  # (B, K)
         value = (p * (log_p - log_q_k)).sum()
         if rest:
