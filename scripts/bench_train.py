@@ -163,6 +163,11 @@ def timed(record: dict[str, Any]) -> Iterator[None]:
     record["load_after"] = os.getloadavg()[0]
 
 
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def batches_of(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
@@ -207,15 +212,16 @@ def time_cost_model(teacher: nn.Module, student: nn.Module, ds: SyntheticDataset
                     steps: int) -> dict[str, Any]:
     """Median ms of: the teacher's forward, the student's CE step, and the student's step with the KD loss
     against a top-k and a full target of the same batch (in storage dtypes, as a cache delivers them)."""
-    inputs, labels = ds.inputs[:batch_size], ds.labels[:batch_size]
+    device = next(teacher.parameters()).device
+    inputs, labels = ds.inputs[:batch_size].to(device), ds.labels[:batch_size].to(device)
     with torch.inference_mode():
-        logits = teacher(inputs)
+        logits = teacher(inputs).float().cpu()
     values, ids = logits.topk(k, dim=1)
     topk = Targets.from_arrays("topk", logits.shape[1], {
         "topk_logits": values.half().numpy(), "topk_indices": ids.numpy().astype(index_dtype(logits.shape[1])),
         "logsumexp": logits.logsumexp(dim=1).numpy()})
     full = Targets.from_arrays("full", logits.shape[1], {"logits": logits.half().numpy()})
-    student = copy.deepcopy(student)
+    student = copy.deepcopy(student).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
 
     def student_step(target: Targets | None = None) -> None:
@@ -248,6 +254,7 @@ def time_cost_model(teacher: nn.Module, student: nn.Module, ds: SyntheticDataset
             for _ in range(block):
                 start = time.perf_counter()
                 fn()
+                synchronize(device)
                 times[name].append(time.perf_counter() - start)
     ms = {f"{name}_ms": statistics.median(values) * 1e3 for name, values in times.items()}
     return {**ms, "teacher_over_student": ms["teacher_forward_ms"] / ms["student_step_ms"], "steps": steps, "times_s": times}
@@ -272,24 +279,26 @@ class EpochVariant:
                 "in_memory": self.in_memory, "workers": self.workers, "kd": self.kd}
 
 
-def make_epoch_loader(variant: EpochVariant, ds: SyntheticDataset, batch_size: int) -> tuple[DataLoader, LogitCache | None]:
-    """The DataLoader of one epoch (and its cache), built before the clock starts."""
+def make_epoch_loader(variant: EpochVariant, ds: SyntheticDataset, batch_size: int,
+                      pin: bool = False) -> tuple[DataLoader, LogitCache | None]:
+    """The DataLoader of one epoch (and its cache), built before the clock starts; ``pin``: pinned batches (GPU)."""
     if variant.kind == "cached":
         assert variant.path is not None
         cache = open_cache(variant.path, in_memory=variant.in_memory)
         wrapped = cache.wrap(ds)  # checks the fingerprint and loads an in-memory cache
         loader = DataLoader(wrapped, batch_size=batch_size, sampler=cache.sampler(shuffle=True, seed=0),
-                            collate_fn=cache.collate, num_workers=variant.workers)
+                            collate_fn=cache.collate, num_workers=variant.workers, pin_memory=pin)
         return loader, cache
     sampler = ChunkShuffleSampler(len(ds), shuffle=True, seed=0)  # a plain seeded permutation
-    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=variant.workers), None
+    return DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=variant.workers, pin_memory=pin), None
 
 
 def run_epoch(variant: EpochVariant, loader: DataLoader, student: nn.Module, teacher: nn.Module,
               max_batches: int | None = None) -> dict[str, Any]:
     """Train ``student`` (in place) for one pass of ``loader``; returns steps, data-wait seconds and the last loss."""
+    device = next(student.parameters()).device
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
-    steps, loss_value = 0, float("nan")
+    steps, loss = 0, None
     started = time.perf_counter()
     iterator = iter(loader)  # starts workers, if any: counted as waiting on data
     data_s = time.perf_counter() - started
@@ -304,6 +313,7 @@ def run_epoch(variant: EpochVariant, loader: DataLoader, student: nn.Module, tea
             inputs, labels, target = batch
         else:
             inputs, labels = batch
+        inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = student(inputs)
         loss = F.cross_entropy(logits, labels)
         if variant.kind == "cached" and variant.kd:
@@ -316,7 +326,7 @@ def run_epoch(variant: EpochVariant, loader: DataLoader, student: nn.Module, tea
         loss.backward()
         optimizer.step()
         steps += 1
-        loss_value = float(loss.detach())
+    loss_value = float("nan") if loss is None else float(loss.detach())  # one sync, at the end (GPU)
     del iterator  # shuts workers down
     return {"steps": steps, "data_s": data_s, "last_loss": loss_value}
 
@@ -325,8 +335,9 @@ def time_epoch(variant: EpochVariant, ds: SyntheticDataset, batch_size: int, stu
                max_batches: int | None = None) -> dict[str, Any]:
     record: dict[str, Any] = {}
     setup_started = time.perf_counter()
-    loader, cache = make_epoch_loader(variant, ds, batch_size)
-    student = copy.deepcopy(student0).train()
+    device = next(teacher.parameters()).device
+    loader, cache = make_epoch_loader(variant, ds, batch_size, pin=device.type == "cuda")
+    student = copy.deepcopy(student0).to(device).train()
     record["setup_s"] = time.perf_counter() - setup_started
     with timed(record):
         record.update(run_epoch(variant, loader, student, teacher, max_batches))
@@ -604,6 +615,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-epochs", action="store_true", help="only the cost model and the reader throughput")
     parser.add_argument("--skip-reads", action="store_true", help="only the cost model and the epochs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models and the data (default 0)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the teacher and student run (default cpu); "
+                        "on cuda the loaders pin memory and the dumps run there too")
+    parser.add_argument("--dump-precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="precision of the dumps (default fp32)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (small sizes, under a minute; its ratios mean little)")
     parser.add_argument("--json", default="data/bench_train.json", help="where to write results (default data/bench_train.json)")
     parser.add_argument("--workdir", help="scratch directory for the teacher and caches (default: a fresh temporary one, removed)")
@@ -635,7 +649,8 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher_path: Path, arc
             config = DumpConfig(teacher=str(teacher_path), arch=f"{THIS_FILE}:mlp", arch_kwargs=arch_kwargs,
                                 dataset=f"{THIS_FILE}:synthetic_dataset", dataset_kwargs=dataset_kwargs, out=str(out),
                                 mode=mode, k=args.k if mode == "topk" else None, dtype="float16", backend=backend,
-                                batch_size=args.batch_size, num_workers=0, device="cpu", overwrite=not args.reuse, quiet=True)
+                                batch_size=args.batch_size, num_workers=0, device=args.device,
+                                precision=args.dump_precision, overwrite=not args.reuse, quiet=True)
             record: dict[str, Any] = {"backend": backend, "mode": mode}
             with timed(record):
                 result = dump(config)
@@ -656,6 +671,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     teacher = make_teacher(arch_kwargs, args.logit_std, args.seed)
     teacher_path = workdir / "teacher.pt"
     torch.save(teacher.state_dict(), teacher_path)
+    teacher = teacher.to(args.device)
     torch.manual_seed(args.seed + 7)
     student0 = mlp(args.dim, args.student_hidden, args.student_depth, args.classes)
     report: dict[str, Any] = {}
@@ -708,7 +724,9 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "student": {"in_features": args.dim, "hidden": args.student_hidden, "depth": args.student_depth, "num_classes": args.classes},
         "teacher_params": sum(p.numel() for p in teacher.parameters()),
         "student_params": sum(p.numel() for p in student0.parameters()),
-        "k": args.k, "batch_size": args.batch_size, "repeats": args.repeats, "read_repeats": args.read_repeats,
+        "device": args.device, "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
+        "dump_precision": args.dump_precision, "k": args.k, "batch_size": args.batch_size, "repeats": args.repeats,
+        "read_repeats": args.read_repeats,
         "evict_fraction": args.evict_fraction, "backends": args.backends, "seed": args.seed, "quick": args.quick,
         "temperature": TEMPERATURE, "kd_weight": KD_WEIGHT, "ce_weight": CE_WEIGHT, "goals": GOALS,
         "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),

@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
-# GPU checks of the dump, for a machine with a CUDA GPU. NOT part of the test suite; never run in CI.
+# GPU checks of the dump and of training from a cache, for a machine with a CUDA GPU.
+# NOT part of the test suite; never run in CI. About 6 minutes on one H100.
 #
-#   bash scripts/gpu_check.sh            # writes data/bench_dump_gpu.json and data/amp_check.json
+#   bash scripts/gpu_check.sh            # writes data/bench_dump_gpu.json, data/amp_check.json,
+#                                        # data/bench_train_gpu.json and data/gpu_train_check.json
 #   OUT=/some/dir bash scripts/gpu_check.sh
 #
 # 1. The dump benchmark (scripts/bench_dump.py) on cuda at bf16: dump/bare ratio per backend x mode
-#    (the issue's goal on a GPU: at most 1.05). Sized to take about 2 to 3 minutes on one H100.
+#    (the issue's goal on a GPU: at most 1.05). Sized to take about 2 minutes on one H100.
 # 2. AMP correctness: the same small teacher dumped top-10 at bf16 and at fp32 on cuda; prints the
 #    fraction of rows whose top-1 id agrees, the top-10 id overlap and the max |logsumexp| difference.
 #    Fails (exit 1) only when top-1 agreement is below 0.90, which means something is broken
 #    (bf16 rounding alone flips only near-ties).
+# 3. The training benchmark (scripts/bench_train.py) on cuda: epochs of labels-only, cached KD and
+#    online KD with pinned batches, models scaled up so the GPU, not Python, sets the pace.
+# 4. scripts/gpu_train_check.py: cached full-float32 KD equals online KD on cuda; the loader's
+#    batches arrive pinned and targets land on the GPU as float32/int64.
 #
 # Exit codes: 0 done, 1 a check failed, 2 no GPU here.
 set -euo pipefail
@@ -24,12 +30,12 @@ if ! python -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 
 fi
 python -c 'import torch; print(f"gpu_check: {torch.cuda.get_device_name(0)}, torch {torch.__version__}, CUDA {torch.version.cuda}")'
 
-echo "== 1/2 dump benchmark, cuda bf16 =="
+echo "== 1/4 dump benchmark, cuda bf16 =="
 python scripts/bench_dump.py --device cuda --precision bf16 \
-    --samples 500000 --hidden 4096 --depth 3 --batch-size 1024 --num-workers 8 --repeats 3 --split \
+    --samples 300000 --hidden 4096 --depth 3 --batch-size 1024 --num-workers 8 --repeats 2 --split \
     --json "$OUT_DIR/bench_dump_gpu.json"
 
-echo "== 2/2 AMP correctness: top-10 dumps at bf16 vs fp32 =="
+echo "== 2/4 AMP correctness: top-10 dumps at bf16 vs fp32 =="
 python - "$OUT_DIR" <<'PY'
 import json
 import sys
@@ -83,4 +89,11 @@ print(f"wrote {out_dir / 'amp_check.json'}")
 if top1 < 0.90:
     sys.exit(f"gpu_check: top-1 agreement {top1:.3f} < 0.90: the bf16 dump disagrees with fp32 far beyond rounding")
 PY
-echo "gpu_check: done; results in $OUT_DIR/bench_dump_gpu.json and $OUT_DIR/amp_check.json"
+echo "== 3/4 training benchmark, cuda =="
+python scripts/bench_train.py --device cuda --dump-precision bf16 --skip-reads \
+    --teacher-hidden 16384 --teacher-depth 2 --student-hidden 2048 --student-depth 2 --json "$OUT_DIR/bench_train_gpu.json"
+
+echo "== 4/4 training checks, cuda =="
+python scripts/gpu_train_check.py --out "$OUT_DIR/gpu_train_check.json"
+
+echo "gpu_check: done; results in $OUT_DIR/{bench_dump_gpu,amp_check,bench_train_gpu,gpu_train_check}.json"
