@@ -506,21 +506,26 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return {"config": config, "machine": machine_info(device), "setup": setup, "summary": summary, "measurements": records}
 
 
+@contextlib.contextmanager
+def scratch_dir(workdir: str | None, keep: bool, prefix: str) -> Iterator[Path]:
+    """``workdir`` (created if needed), or a fresh folder under data/ that is removed afterwards unless ``keep``."""
+    if workdir is not None:
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        yield Path(workdir)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix=prefix, dir=Path("data") if Path("data").is_dir() else None))
+    try:
+        yield scratch
+    finally:
+        if not keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    owned = args.workdir is None
-    if owned:
-        scratch_root = Path("data") if Path("data").is_dir() else None
-        workdir = Path(tempfile.mkdtemp(prefix="bench-dump-", dir=scratch_root))
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_dir(args.workdir, args.keep, "bench-dump-") as workdir:
         report = run(args, workdir)
-    finally:
-        if owned and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     report["total_seconds"] = time.perf_counter() - started
     machine, config, setup = report["machine"], report["config"], report["setup"]
     print(f"\ndevice {machine['device']}{' (' + machine['card'] + ')' if 'card' in machine else ''}, "

@@ -11,11 +11,12 @@ synthetic workload where the teacher's forward costs about 10x the student's tra
 
 Workload: ``--samples`` random float32 vectors of ``--dim`` features with int labels in
 ``[0, --classes)``, held in memory as a map-style dataset of ``(input, label)`` items
-(:func:`synthetic_dataset`). The teacher is an MLP (:func:`mlp`, ``--teacher-depth`` hidden layers
-of ``--teacher-hidden``), random but seeded, with its head rescaled so its logits have standard
-deviation ``--logit-std`` (peaked like a trained teacher's); it is saved as a state_dict and dumped
-with ``arch="<this file>:mlp"`` and ``dataset="<this file>:synthetic_dataset"``. The student is an
-MLP with ``--student-depth`` hidden layers of ``--student-hidden``. Four caches are dumped: top-k
+(``bench_dump.synthetic_dataset``, the dump benchmark's workload). The teacher is a
+``logit_cache.models.digits_mlp`` (``--teacher-depth`` hidden layers of ``--teacher-hidden``), random
+but seeded, with its head rescaled so its logits have standard deviation ``--logit-std`` (peaked like a
+trained teacher's; ``bench_dump.make_teacher``); it is saved as a state_dict and dumped with
+``arch="logit_cache.models:digits_mlp"`` and ``dataset="scripts/bench_dump.py:synthetic_dataset"``.
+The student is a ``digits_mlp`` with ``--student-depth`` hidden layers of ``--student-hidden``. Four caches are dumped: top-k
 and full logits (float16), each in zarr and hdf5.
 
 What is timed:
@@ -56,17 +57,13 @@ average around each measurement, goes to ``--json``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import json
 import os
-import platform
-import shutil
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,15 +71,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from logit_cache.dump import DumpConfig, dump
 from logit_cache.loader import ChunkShuffleSampler
 from logit_cache.losses import kd_loss
+from logit_cache.models import digits_mlp
 from logit_cache.reader import LogitCache, open_cache
 from logit_cache.targets import Targets, index_dtype
 
-THIS_FILE = Path(__file__).resolve()
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dump import ARCH, SyntheticDataset, machine_info, make_teacher, scratch_dir, synthetic_dataset, timed
+
+BENCH_DUMP = Path(__file__).resolve().parent / "bench_dump.py"
 ALL_BACKENDS = ("zarr", "hdf5")
 ALL_MODES = ("topk", "full")
 TEMPERATURE = 4.0
@@ -100,67 +101,9 @@ GOALS = {
 # --------------------------------------------------------------------------------------------------
 
 
-class SyntheticDataset(Dataset):
-    """``n`` random float32 vectors of ``dim`` with int labels in ``[0, classes)``, held in memory."""
-
-    def __init__(self, inputs: torch.Tensor, labels: torch.Tensor) -> None:
-        self.inputs = inputs
-        self.labels = labels
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.inputs[index], int(self.labels[index])
-
-
-def synthetic_dataset(n: int = 50_000, dim: int = 256, classes: int = 1000, seed: int = 0) -> SyntheticDataset:
-    """The benchmark's dataset: deterministic given its arguments (a dataset spec for ``dump``)."""
-    generator = torch.Generator().manual_seed(seed)
-    inputs = torch.randn(n, dim, generator=generator)
-    labels = torch.randint(0, classes, (n,), generator=generator)
-    return SyntheticDataset(inputs, labels)
-
-
-def mlp(in_features: int = 256, hidden: int = 512, depth: int = 1, num_classes: int = 1000) -> nn.Sequential:
-    """An MLP: ``depth`` hidden layers of ``hidden`` with ReLU, then a linear head (teacher and student)."""
-    layers: list[nn.Module] = []
-    width = in_features
-    for _ in range(depth):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
-        width = hidden
-    layers.append(nn.Linear(width, num_classes))
-    return nn.Sequential(*layers)
-
-
-def make_teacher(arch_kwargs: dict[str, Any], logit_std: float, seed: int) -> nn.Sequential:
-    """A seeded random teacher whose head is scaled to give logits of std ``logit_std``."""
-    torch.manual_seed(seed)
-    model = mlp(**arch_kwargs).eval()
-    head = model[-1]
-    assert isinstance(head, nn.Linear)
-    probe = synthetic_dataset(512, arch_kwargs["in_features"], arch_kwargs["num_classes"], seed + 1).inputs
-    with torch.no_grad():
-        scale = logit_std / float(model(probe).std())
-        head.weight.mul_(scale)
-        head.bias.mul_(scale)
-    return model
-
-
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def timed(record: dict[str, Any]) -> Iterator[None]:
-    """Wall seconds (``wall_s``), this process's CPU seconds (``cpu_s``) and the 1-minute load average around it."""
-    record["load_before"] = os.getloadavg()[0]
-    wall, cpu = time.perf_counter(), time.process_time()
-    yield
-    record["wall_s"] = time.perf_counter() - wall
-    record["cpu_s"] = time.process_time() - cpu
-    record["load_after"] = os.getloadavg()[0]
 
 
 def synchronize(device: torch.device) -> None:
@@ -571,25 +514,6 @@ def format_reads(rows: list[dict[str, Any]]) -> str:
     return table(header, lines)
 
 
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "torch_version": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "numpy_version": np.__version__,
-    }
-    with contextlib.suppress(ImportError):
-        import h5py
-        import zarr
-
-        info["zarr_version"] = zarr.__version__
-        info["h5py_version"] = h5py.__version__
-        info["hdf5_version"] = h5py.version.hdf5_version
-    return info
-
-
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
@@ -646,8 +570,8 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher_path: Path, arc
     for backend in args.backends:
         for mode in ALL_MODES:
             out = workdir / f"cache-{backend}-{mode}"
-            config = DumpConfig(teacher=str(teacher_path), arch=f"{THIS_FILE}:mlp", arch_kwargs=arch_kwargs,
-                                dataset=f"{THIS_FILE}:synthetic_dataset", dataset_kwargs=dataset_kwargs, out=str(out),
+            config = DumpConfig(teacher=str(teacher_path), arch=ARCH, arch_kwargs=arch_kwargs,
+                                dataset=f"{BENCH_DUMP}:synthetic_dataset", dataset_kwargs=dataset_kwargs, out=str(out),
                                 mode=mode, k=args.k if mode == "topk" else None, dtype="float16", backend=backend,
                                 batch_size=args.batch_size, num_workers=0, device=args.device,
                                 precision=args.dump_precision, overwrite=not args.reuse, quiet=True)
@@ -668,12 +592,12 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     dataset_kwargs = {"n": args.samples, "dim": args.dim, "classes": args.classes, "seed": args.seed}
     ds = synthetic_dataset(**dataset_kwargs)
     arch_kwargs = {"in_features": args.dim, "hidden": args.teacher_hidden, "depth": args.teacher_depth, "num_classes": args.classes}
-    teacher = make_teacher(arch_kwargs, args.logit_std, args.seed)
+    teacher = make_teacher(args.dim, args.teacher_hidden, args.teacher_depth, args.classes, args.logit_std, args.seed)
     teacher_path = workdir / "teacher.pt"
     torch.save(teacher.state_dict(), teacher_path)
     teacher = teacher.to(args.device)
     torch.manual_seed(args.seed + 7)
-    student0 = mlp(args.dim, args.student_hidden, args.student_depth, args.classes)
+    student0 = digits_mlp(in_features=args.dim, hidden=args.student_hidden, depth=args.student_depth, num_classes=args.classes)
     report: dict[str, Any] = {}
 
     cost = time_cost_model(teacher, student0, ds, args.batch_size, args.k, steps=5 if args.quick else 30)
@@ -731,7 +655,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "temperature": TEMPERATURE, "kd_weight": KD_WEIGHT, "ce_weight": CE_WEIGHT, "goals": GOALS,
         "command": " ".join(["python", Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
     }
-    report["machine"] = machine_info()
+    report["machine"] = {**machine_info(torch.device(args.device)), "numpy_version": np.__version__}
     return report
 
 
@@ -785,18 +709,8 @@ def goal_lines(report: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    owned = args.workdir is None
-    if owned:
-        scratch_root = Path("data") if Path("data").is_dir() else None
-        workdir = Path(tempfile.mkdtemp(prefix="bench-train-", dir=scratch_root))
-    else:
-        workdir = Path(args.workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-    try:
+    with scratch_dir(args.workdir, args.keep, "bench-train-") as workdir:
         report = run(args, workdir)
-    finally:
-        if owned and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
     report["total_seconds"] = time.perf_counter() - started
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print_report(report)
