@@ -187,3 +187,27 @@ def test_demo_runs_and_reruns_in_its_workdir(tmp_path: Path, cli) -> None:
     assert second.exit_code == 0, second.output
     again = json.loads((tmp_path / "demo.json").read_text())["rows"]
     assert [(r["test_accuracy"], r["eval_kl"]) for r in again] == [(r["test_accuracy"], r["eval_kl"]) for r in rows]
+
+
+def test_worker_processes_do_not_change_the_result(work: dict[str, Path], tmp_path: Path) -> None:
+    """The data order comes from the sampler in the main process: 2 forked workers give the same weights as none."""
+    alone = train(config(tmp_path / "w0.pt", caches=[str(work["top5"])], epochs=2))
+    workers = train(config(tmp_path / "w2.pt", caches=[str(work["top5"])], epochs=2, num_workers=2))
+    a, b = weights(alone.out), weights(workers.out)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_default_collate_also_works(work: dict[str, Path]) -> None:
+    """Without collate_fn=cache.collate, torch's default_collate still pairs each item with its row."""
+    from torch.utils.data import DataLoader
+
+    from logit_cache import open_cache
+
+    cache = open_cache(work["top5"])
+    inputs, labels, target = next(iter(DataLoader(cache.wrap(DigitsDataset("train")), batch_size=8)))
+    assert set(target) == {"topk_logits", "topk_indices", "logsumexp"}
+    with torch.no_grad():
+        expected = make_teacher()(inputs)
+    torch.testing.assert_close(target["topk_indices"].long(), expected.topk(5).indices)  # the dump selects in float32
+    assert labels.tolist() == DigitsDataset("train").labels[:8].tolist()
