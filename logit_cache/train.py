@@ -161,12 +161,17 @@ def _loader(dataset: Any, sampler: Any, collate_fn: Any, config: TrainConfig, de
 
 
 @torch.no_grad()
-def evaluate(student: nn.Module, data: ResolvedDataset, device: torch.device, cache: LogitCache | None = None,
+def evaluate(student: nn.Module, data: ResolvedDataset, device: torch.device, cache: LogitCache | CachedDataset | None = None,
              batch_size: int = 512) -> dict[str, float]:
-    """Accuracy on ``data`` (needs labels) and, given a cache of it, the mean KL(teacher || student) at T=1."""
+    """Accuracy on ``data`` (needs labels) and, given a cache of it, the mean KL(teacher || student) at T=1.
+
+    ``cache`` may be the cache or ``data`` already wrapped with it (checked once, not every epoch).
+    """
     student.eval()
-    dataset = CachedDataset(data.dataset, [cache]) if cache is not None else data.dataset
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate if cache is not None else None)
+    if isinstance(cache, LogitCache):
+        cache = CachedDataset(data.dataset, [cache])
+    loader = DataLoader(cache if cache is not None else data.dataset, batch_size=batch_size, shuffle=False,
+                        collate_fn=collate if cache is not None else None)
     correct = count = 0
     kl_sum = 0.0
     for batch in loader:
@@ -216,7 +221,8 @@ def train(config: TrainConfig) -> TrainResult:
             teacher = load_teacher(config.teacher, arch=config.arch, arch_kwargs=config.arch_kwargs,
                                    trust_checkpoint=config.trust_checkpoint, device=device)
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
-    eval_cache = open_cache(config.eval_cache) if config.eval_cache else None
+    # the eval data paired with its cache once, here: the pairing check reads items, so not every epoch
+    eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache)]) if config.eval_cache and eval_data else None
 
     # -- model, loss, optimiser -------------------------------------------------------------------
     student = _build_student(config, device)
