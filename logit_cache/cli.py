@@ -91,13 +91,19 @@ def main() -> None:
               help="Teacher compute precision; bf16/fp16 run under torch.autocast. Top-k and logsumexp are always float32.")
 @click.option("--shard-rows", type=int, default=None,
               help="Rows per shard [default: about 256 MiB of arrays per shard]. Smaller shards resume with less rework.")
+@click.option("--views", type=int, default=1, show_default=True,
+              help="Cache V augmented views per sample (rows i*V+v). Each view is produced with torch's, numpy's and "
+                   "Python's random generators seeded from (--seed, i, v), so training replays exactly that input.")
+@click.option("--seed", type=int, default=None,
+              help="Seed of the views' augmentation [default: 0 with --views > 1; none, i.e. today's unseeded items, "
+                   "with --views 1].")
 @click.option("--resume", is_flag=True, help="Continue an unfinished dump of the same settings at DIR.partial, keeping finished shards.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at DIR (only a directory holding a logit-cache manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no log lines; only the summary and errors.")
 def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool, dataset: str,
                  dataset_kwargs: str | None, out: Path, topk: int | None, full: bool, temperature: float, dtype: str,
                  backend: str, batch_size: int, num_workers: int | None, device: str, precision: str,
-                 shard_rows: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
+                 shard_rows: int | None, views: int, seed: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Run a teacher over a dataset once and cache its logits.
 
     Writes a cache directory (manifest.json and Zarr or HDF5 shards) holding, for every dataset index,
@@ -132,6 +138,8 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
             device=device,
             precision=precision,
             shard_rows=shard_rows,
+            views=views,
+            seed=seed,
             resume=resume,
             overwrite=overwrite,
             quiet=quiet,

@@ -13,6 +13,7 @@ by ``numpy.random.default_rng(0)``; the first 1,437 (80%) are ``train``, the oth
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,7 @@ from torch.utils.data import Dataset
 
 from .errors import DatasetError, SpecError
 from .fingerprint import dataset_fingerprint
+from .replay import FirstViews
 from .spec import resolve_callable
 
 DIGITS_SPLIT_SEED = 0
@@ -30,9 +32,15 @@ DIGITS_TRAIN_SIZE = 1437
 
 
 class DigitsDataset(Dataset):
-    """scikit-learn's handwritten digits with the fixed split described in the module docstring."""
+    """scikit-learn's handwritten digits with the fixed split described in the module docstring.
 
-    def __init__(self, split: str = "train") -> None:
+    ``augment=True`` applies random augmentation to each item, drawing from all three global
+    generators (so ``dump --views`` can replay it): a shift of up to one pixel in each direction
+    (torch), Gaussian noise of std 0.1 (numpy) and a horizontal flip with probability 0.2 (Python's
+    ``random``).
+    """
+
+    def __init__(self, split: str = "train", augment: bool = False) -> None:
         if split not in ("train", "test", "all"):
             raise DatasetError(f"digits: split {split!r} is not one of 'train', 'test', 'all'")
         try:
@@ -45,6 +53,7 @@ class DigitsDataset(Dataset):
         order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(bunch.target))
         chosen = {"train": order[:DIGITS_TRAIN_SIZE], "test": order[DIGITS_TRAIN_SIZE:], "all": np.arange(len(order))}[split]
         self.split = split
+        self.augment = bool(augment)
         self.images = torch.from_numpy((bunch.data[chosen] / 16.0).astype(np.float32)).reshape(-1, 1, 8, 8)
         self.labels = torch.from_numpy(bunch.target[chosen].astype(np.int64))
 
@@ -52,7 +61,14 @@ class DigitsDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], int(self.labels[index])
+        image = self.images[index]
+        if self.augment:
+            shift = torch.randint(-1, 2, (2,))
+            image = torch.roll(image, shifts=(int(shift[0]), int(shift[1])), dims=(1, 2))
+            image = image + torch.from_numpy(np.random.normal(0.0, 0.1, size=image.shape).astype(np.float32))
+            if random.random() < 0.2:
+                image = image.flip(2)
+        return image, int(self.labels[index])
 
 
 BUILTIN_DATASETS = {"digits": DigitsDataset}
@@ -70,8 +86,10 @@ class ResolvedDataset:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def fingerprint(self) -> str:
-        return dataset_fingerprint(self.dataset, self.spec, self.kwargs)
+    def fingerprint(self, seed: int | None = None) -> str:
+        """The dataset fingerprint; with a replay ``seed``, over the items as view 0 replays them
+        (a randomly augmenting dataset has no fixed items otherwise)."""
+        return dataset_fingerprint(FirstViews(self.dataset, seed) if seed is not None else self.dataset, self.spec, self.kwargs)
 
     def manifest_entry(self, fingerprint: str) -> dict[str, Any]:
         return {"spec": self.spec, "kwargs": self.kwargs, "length": len(self.dataset), "fingerprint": fingerprint}

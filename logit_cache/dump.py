@@ -50,6 +50,7 @@ from .manifest import (
     Manifest,
     read_manifest,
 )
+from .replay import ReplayViews, check_replayable
 from .store import ArraySpec, get_backend
 from .targets import encode, index_dtype
 from .teacher import Teacher, load_teacher
@@ -134,8 +135,10 @@ class DumpConfig:
             raise UsageError(f"--temperature must be > 0, got {self.temperature}")
         if self.resume and self.overwrite:
             raise UsageError("--resume and --overwrite are exclusive: resume keeps finished shards, overwrite discards them")
-        if self.views != 1:
-            raise UsageError("--views other than 1 is not supported yet")
+        if self.views < 1:
+            raise UsageError(f"--views must be >= 1, got {self.views}")
+        if self.views > 1 and self.seed is None:
+            self.seed = 0  # several views need seeded replay; 0 is the documented default
 
 
 @dataclass
@@ -359,19 +362,23 @@ def plan_layout(mode: str, k: int | None, num_classes: int, dtype: str, has_labe
     return Layout(specs, chunk_rows, shard_rows, plan_shards(num_samples, views, shard_rows))
 
 
-def make_batches(plans: list[ShardPlan], batch_size: int) -> list[tuple[ShardPlan, list[int]]]:
-    """Batches of sample indices that never cross a shard boundary, in order."""
+def make_batches(plans: list[ShardPlan], batch_size: int, views: int = 1) -> list[tuple[ShardPlan, list[int]]]:
+    """Batches of row indices (sample indices when ``views`` is 1) that never cross a shard boundary, in
+    order; with several views a batch holds every view of ``batch_size // views`` whole samples."""
+    samples = max(1, batch_size // views)
     return [
-        (plan, list(range(start, min(plan.sample_stop, start + batch_size))))
+        (plan, list(range(start * views, min(plan.sample_stop, start + samples) * views)))
         for plan in plans
-        for start in range(plan.sample_start, plan.sample_stop, batch_size)
+        for start in range(plan.sample_start, plan.sample_stop, samples)
     ]
 
 
-def make_loader(resolved: ResolvedDataset, batches: list[list[int]], num_workers: int, pin_memory: bool) -> DataLoader:
-    """The DataLoader the dump (and the benchmark's bare-inference baseline) iterate."""
+def make_loader(resolved: ResolvedDataset, batches: list[list[int]], num_workers: int, pin_memory: bool,
+                dataset: Any = None) -> DataLoader:
+    """The DataLoader the dump (and the benchmark's bare-inference baseline) iterate; ``dataset``
+    replaces the resolved one (the replayed views of :class:`ReplayViews`)."""
     return DataLoader(
-        resolved.dataset,
+        resolved.dataset if dataset is None else dataset,
         batch_sampler=batches,
         num_workers=num_workers,
         pin_memory=pin_memory,
@@ -414,8 +421,10 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
     if not teacher_path.exists():
         raise CheckpointNotFoundError(f"--teacher {config.teacher}: no such file")
     resolved = resolve_dataset(config.dataset, config.dataset_kwargs)
+    if config.seed is not None:
+        check_replayable(resolved.dataset, config.views, config.seed, config.dataset)
     teacher_sha256 = file_sha256(teacher_path)
-    fingerprint = resolved.fingerprint()
+    fingerprint = resolved.fingerprint(config.seed)
     key = content_key(
         teacher_sha256=teacher_sha256,
         dataset_fingerprint=fingerprint,
@@ -535,9 +544,10 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
         return 0, 0.0, 0.0
     started = time.perf_counter()
     backend = get_backend(config.backend)
-    batches = make_batches(todo, config.batch_size)
+    batches = make_batches(todo, config.batch_size, config.views)
     workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
-    loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda")
+    replayed = ReplayViews(prepared.resolved.dataset, config.views, config.seed) if config.seed is not None else None
+    loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda", replayed)
     ids_dtype = index_dtype(num_classes)
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
     writer = ShardedWriter(prepared.work, backend, layout.specs, layout.chunk_rows, attrs)
@@ -551,6 +561,8 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
             for position, (plan, indices) in enumerate(batches):
                 batch = _next_batch(batch_iter, indices)
                 inputs, labels = split_batch(batch, prepared.resolved.has_labels)
+                if labels is not None and config.views > 1:
+                    labels = labels[:: config.views]  # rows are whole samples' views; labels are per sample
                 with autocast_for(device, config.precision):
                     logits = _call_teacher(teacher.module, _to_device(inputs, device), indices)  # (B, C)
                 if logits.shape != (len(indices), num_classes):
@@ -570,8 +582,8 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                 writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, ids_dtype, config.dtype))
                 if position + 1 == len(batches) or batches[position + 1][0] != plan:
                     writer.end_shard(plan)
-                rows += len(indices) * config.views
-                bar.update(len(indices))
+                rows += len(indices)
+                bar.update(len(indices) // config.views)
         writer.finish()
     except BaseException:
         writer.abort()

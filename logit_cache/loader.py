@@ -21,6 +21,7 @@ consumer's device.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -31,6 +32,7 @@ from torch.utils.data import Sampler, default_collate
 from .errors import DatasetMismatchError, UsageError
 from .fingerprint import dataset_fingerprint
 from .reader import LogitCache
+from .replay import FirstViews, ViewFn, default_view, replay_items
 from .targets import Targets
 
 VERIFY_CHOICES = ("fingerprint", "length")
@@ -101,15 +103,32 @@ class CachedDataset(torch.utils.data.Dataset):
     fingerprint the dump recorded (spec, kwargs, length and 16 sampled items) and refuses a
     mismatch; ``verify="length"`` checks only the length, for data that is deliberately not the
     same bytes as at dump time (random augmentation applied on top of the dumped inputs).
+
+    Replayed views (caches dumped with ``--views V`` or ``--seed S``): item ``i`` is produced as
+    view ``v`` exactly as the dump produced it (the generators seeded from ``(S, i, v)``, see
+    ``replay.py``) and paired with row ``i * V + v``. ``view_fn(epoch, indices, V)`` picks the
+    views (default :func:`~logit_cache.replay.default_view`); the epoch is the one the cache's
+    sampler passes with each index, or the one set by :meth:`set_epoch` for plain integer indices.
     """
 
-    def __init__(self, dataset: Any, caches: Sequence[LogitCache], verify: str = "fingerprint") -> None:
+    def __init__(self, dataset: Any, caches: Sequence[LogitCache], verify: str = "fingerprint",
+                 view_fn: ViewFn | None = None) -> None:
         if verify not in VERIFY_CHOICES:
             raise UsageError(f"verify={verify!r}: expected one of {', '.join(VERIFY_CHOICES)}")
         if not caches:
             raise UsageError("CachedDataset needs at least one cache")
         self.dataset = dataset
         self.caches = list(caches)
+        replays = {(c.manifest.views, c.manifest.seed) for c in self.caches}
+        if len(replays) > 1:
+            raise DatasetMismatchError(
+                "the caches were dumped with different --views/--seed ("
+                + ", ".join(f"{c.path}: views {c.manifest.views}, seed {c.manifest.seed}" for c in self.caches)
+                + "): one input per item cannot match them all; use caches dumped with the same views and seed"
+            )
+        ((self.views, self.seed),) = replays
+        self.view_fn: ViewFn = view_fn or default_view
+        self.epoch = 0
         length = len(dataset)
         fingerprints: dict[tuple[str, str], str] = {}
         for cache in self.caches:
@@ -124,7 +143,8 @@ class CachedDataset(torch.utils.data.Dataset):
                 spec, kwargs = str(recorded.get("spec")), dict(recorded.get("kwargs") or {})
                 token = (spec, repr(sorted(kwargs.items())))
                 if token not in fingerprints:
-                    fingerprints[token] = dataset_fingerprint(dataset, spec, kwargs)
+                    seen = FirstViews(dataset, self.seed) if self.seed is not None else dataset
+                    fingerprints[token] = dataset_fingerprint(seen, spec, kwargs)
                 if fingerprints[token] != recorded.get("fingerprint"):
                     raise DatasetMismatchError(
                         f"{cache.path}: the dataset's content differs from what the cache was dumped from "
@@ -134,25 +154,54 @@ class CachedDataset(torch.utils.data.Dataset):
                         f"purpose, pass verify='length' (CLI: --verify length)"
                     )
             cache.load()  # in-memory caches: read now, so forked workers share one copy
+            cache.register(self)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch whose views plain integer indices get (the cache's sampler forwards its own)."""
+        self.epoch = int(epoch)
+
+    def _views_of(self, indices: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+        """Sample indices and their views; an index is an int or an ``(index, epoch)`` pair from the sampler."""
+        if len(indices) and isinstance(indices[0], (tuple, list)):
+            samples = np.fromiter((int(i) for i, _ in indices), dtype=np.int64, count=len(indices))
+            epochs = np.fromiter((int(e) for _, e in indices), dtype=np.int64, count=len(indices))
+        else:
+            samples = np.asarray(indices, dtype=np.int64).reshape(-1)
+            epochs = np.full(len(samples), self.epoch, dtype=np.int64)
+        if self.views == 1:
+            return samples, np.zeros(len(samples), dtype=np.int64)
+        views = np.empty(len(samples), dtype=np.int64)
+        for epoch in np.unique(epochs):  # one epoch per batch, except at an epoch's edge
+            chosen = epochs == epoch
+            views[chosen] = np.asarray(self.view_fn(int(epoch), samples[chosen], self.views), dtype=np.int64)
+        if len(views) and (views.min() < 0 or views.max() >= self.views):
+            raise UsageError(f"view_fn returned views outside [0, {self.views})")
+        return samples, views
+
+    def _items(self, samples: np.ndarray, views: np.ndarray) -> list[Any]:
+        if self.seed is not None:
+            return replay_items(self.dataset, samples, views, self.seed)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return list(getitems(samples.tolist())) if callable(getitems) else [self.dataset[int(i)] for i in samples]
+
     def _target(self, targets: list[Targets]) -> Targets | list[Targets]:
         return targets[0] if len(self.caches) == 1 else targets
 
-    def __getitem__(self, index: int) -> tuple:
+    def __getitem__(self, index: Any) -> tuple:
         """One item (slow path: prefer a DataLoader with a batch size, which calls :meth:`__getitems__`)."""
-        rows = [(cache, cache.rows(cache.rows_of_samples([index]))) for cache in self.caches]
-        targets = [_TargetRow(arrays, 0, cache.mode, cache.num_classes) for cache, arrays in rows]
-        return _attach(self.dataset[index], targets[0] if len(targets) == 1 else targets)
+        samples, views = self._views_of([index])
+        rows = samples * self.views + views
+        targets = [_TargetRow(cache.rows(rows), 0, cache.mode, cache.num_classes) for cache in self.caches]
+        return _attach(self._items(samples, views)[0], targets[0] if len(targets) == 1 else targets)
 
-    def __getitems__(self, indices: Sequence[int]) -> _Fetched:
+    def __getitems__(self, indices: Sequence[Any]) -> _Fetched:
         """A batch of items, reading each cache's rows once, chunk by chunk."""
-        indices = list(indices)
-        getitems = getattr(self.dataset, "__getitems__", None)
-        items = getitems(indices) if callable(getitems) else [self.dataset[i] for i in indices]
-        return _Fetched(list(items), [cache.rows(cache.rows_of_samples(indices)) for cache in self.caches], self.caches)
+        samples, views = self._views_of(list(indices))
+        rows = samples * self.views + views  # DESIGN.md: the row of sample i, view v
+        return _Fetched(self._items(samples, views), [cache.rows(rows) for cache in self.caches], self.caches)
 
 
 def _stack_rows(rows: Sequence[_TargetRow]) -> Targets:
@@ -220,6 +269,8 @@ class ChunkShuffleSampler(Sampler[int]):
         num_replicas: int | None = None,
         rank: int | None = None,
         drop_last: bool = False,
+        with_epoch: bool = False,
+        forward_to: Sequence[Any] = (),
     ) -> None:
         if num_samples < 1:
             raise UsageError(f"num_samples must be positive, got {num_samples}")
@@ -230,6 +281,10 @@ class ChunkShuffleSampler(Sampler[int]):
         self.window = None if window is None else max(self.block_size, int(window))
         self.num_replicas, self.rank = _distributed_defaults(num_replicas, rank)
         self.drop_last = bool(drop_last)
+        #: Yield ``(index, epoch)`` pairs: how a replay cache's wrapper learns the epoch in worker processes
+        #: (a ``set_epoch`` on the main process's wrapper does not reach persistent workers' copies).
+        self.with_epoch = bool(with_epoch)
+        self._forward = [weakref.ref(target) for target in forward_to]
         self.epoch = 0
         if self.drop_last:
             self.per_rank = self.num_samples // self.num_replicas
@@ -244,6 +299,8 @@ class ChunkShuffleSampler(Sampler[int]):
         the caches are in memory or their chunk caches hold every chunk."""
         cache = caches[0]
         block = max(1, cache.chunk_rows // max(1, cache.manifest.views))
+        kwargs.setdefault("with_epoch", any(c.manifest.views > 1 for c in caches))
+        kwargs.setdefault("forward_to", [w for c in caches for w in c.wrappers()])
         if all(c.in_memory or c.slots >= c.num_chunks for c in caches):  # every chunk fits at once: any order is cheap
             kwargs.setdefault("window", None)
             kwargs.setdefault("block_size", 1)
@@ -255,7 +312,12 @@ class ChunkShuffleSampler(Sampler[int]):
         return cls(cache.num_samples, shuffle=shuffle, seed=seed, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
+        """The epoch whose order (and views) to give; forwarded to the wrapped datasets it was made for."""
         self.epoch = int(epoch)
+        for ref in self._forward:
+            target = ref()
+            if target is not None:
+                target.set_epoch(self.epoch)
 
     def order(self) -> np.ndarray:
         """This epoch's order of all samples (before the split across ranks)."""
@@ -285,8 +347,9 @@ class ChunkShuffleSampler(Sampler[int]):
         start = self.rank * self.per_rank
         return order[start : start + self.per_rank]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices().tolist())
+    def __iter__(self) -> Iterator[Any]:
+        indices = self.indices().tolist()
+        return iter([(i, self.epoch) for i in indices] if self.with_epoch else indices)
 
     def __len__(self) -> int:
         return self.per_rank

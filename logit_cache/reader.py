@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -187,6 +188,7 @@ class LogitCache(CacheReader):
         state = super().__getstate__()
         state["_memory"] = None
         state["_slab"] = None
+        state["_wrappers"] = []  # weak references do not pickle; workers need no forwarding
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -293,9 +295,12 @@ class LogitCache(CacheReader):
         """A :class:`Targets` batch of ``rows`` (host tensors in the storage dtypes)."""
         return Targets.from_arrays(self.mode, self.num_classes, self.rows(rows))
 
-    def rows_of_samples(self, indices: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The row of each dataset index (view 0 when a cache holds several views per sample)."""
-        return np.asarray(indices, dtype=np.int64) * self.manifest.views
+    def register(self, wrapper: Any) -> None:
+        """Remember a dataset wrapped with this cache, so the cache's sampler can forward ``set_epoch``."""
+        self._wrappers = [ref for ref in getattr(self, "_wrappers", []) if ref() is not None] + [weakref.ref(wrapper)]
+
+    def wrappers(self) -> list[Any]:
+        return [w for w in (ref() for ref in getattr(self, "_wrappers", [])) if w is not None]
 
     # -- training helpers (loader.py) -----------------------------------------------------------
 

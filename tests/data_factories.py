@@ -162,3 +162,33 @@ def read_plain(out: Path, name: str) -> np.ndarray:
             with h5py.File(path, "r") as handle:
                 parts.append(handle[name][:])
     return np.concatenate(parts)
+
+
+class ThreeRngImages(RandomImages):
+    """RandomImages augmented with draws from all three global generators (torch, numpy, random)."""
+
+    def __getitem__(self, index: int):
+        import random
+
+        image, label = super().__getitem__(index)
+        image = image + torch.rand(image.shape)  # torch's CPU generator
+        image = image * float(np.random.uniform(0.5, 1.5))  # numpy's global generator
+        if random.random() < 0.5:  # Python's generator
+            image = image.flip(2)
+        return image, label
+
+
+def three_rng_images(n: int = 120, seed: int = 0) -> ThreeRngImages:
+    return ThreeRngImages(n, seed)
+
+
+class PrivateRngImages(RandomImages):
+    """Augmentation from a generator the dataset owns and never seeds: cannot be replayed."""
+
+    def __getitem__(self, index: int):
+        image, label = super().__getitem__(index)
+        return image + torch.from_numpy(np.random.default_rng().random(image.shape).astype(np.float32)), label
+
+
+def private_rng_images(n: int = 60, seed: int = 0) -> PrivateRngImages:
+    return PrivateRngImages(n, seed)

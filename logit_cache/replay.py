@@ -1,0 +1,145 @@
+"""Replayable augmentation: produce view ``v`` of sample ``i`` the same way at dump and at training.
+
+A dataset's random transforms draw from the process-wide generators of torch (CPU), numpy
+(``np.random``) and Python (``random``). Seeding all three from ``(seed, i, v)`` just before
+``dataset[i]`` makes the item a function of ``(seed, i, v)``: the dump stores the teacher's targets
+for exactly that input at row ``i * V + v``, and training replays the same input for that row. The
+generators' states are saved before and restored after, so the caller's randomness is untouched.
+
+Limit: randomness from elsewhere cannot be replayed (a CUDA generator, ``os.urandom``, a generator
+object the dataset owns, such as ``np.random.default_rng()`` made without a seed). The dump checks
+a few items by producing them twice (:func:`check_replayable`) and refuses a dataset that differs.
+
+Which view a sample shows in an epoch (training): :func:`default_view` gives each sample its V
+views in turn, from a per-sample starting point, so over V consecutive epochs every sample shows
+every view once and, within one epoch, samples show different views.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DatasetError
+
+#: How many items the dump produces twice to check that they replay.
+CHECK_ITEMS = 4
+
+#: ``view_fn(epoch, indices, views) -> views``: which view each sample shows in an epoch.
+ViewFn = Callable[[int, np.ndarray, int], np.ndarray]
+
+
+def item_seeds(seed: int, index: int, view: int) -> tuple[int, int, int]:
+    """Seeds for torch, numpy and Python's ``random`` from ``(seed, index, view)``: independent streams."""
+    words = np.random.SeedSequence([seed, index, view]).generate_state(3, dtype=np.uint32)
+    return int(words[0]), int(words[1]), int(words[2])
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Restore the torch (CPU), numpy and Python generators to their states on entry."""
+    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        np.random.set_state(numpy_state)
+        random.setstate(python_state)
+
+
+def seed_item(seed: int, index: int, view: int) -> None:
+    torch_seed, numpy_seed, python_seed = item_seeds(seed, index, view)
+    torch.default_generator.manual_seed(torch_seed)  # the CPU generator only: torch.manual_seed costs ~100 us (all devices)
+    np.random.seed(numpy_seed)
+    random.seed(python_seed)
+
+
+def replay_items(dataset: Any, indices: Sequence[int], views: Sequence[int], seed: int) -> list[Any]:
+    """``dataset[i]`` for each ``(i, v)``, each produced with the generators seeded from ``(seed, i, v)``."""
+    items = []
+    with preserved_rng():
+        for index, view in zip(indices, views, strict=True):
+            seed_item(seed, int(index), int(view))
+            items.append(dataset[int(index)])
+    return items
+
+
+class ReplayViews(torch.utils.data.Dataset):
+    """``V`` views of every sample, as rows: item ``r`` is view ``r % V`` of sample ``r // V``.
+
+    What the dump iterates when it caches several views (or one seeded view) per sample.
+    """
+
+    def __init__(self, dataset: Any, views: int, seed: int) -> None:
+        self.dataset, self.views, self.seed = dataset, int(views), int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset) * self.views
+
+    def __getitem__(self, row: int) -> Any:
+        index, view = divmod(int(row), self.views)
+        return replay_items(self.dataset, [index], [view], self.seed)[0]
+
+    def __getitems__(self, rows: Sequence[int]) -> list[Any]:
+        rows = np.asarray(rows, dtype=np.int64)
+        return replay_items(self.dataset, rows // self.views, rows % self.views, self.seed)
+
+
+class FirstViews(torch.utils.data.Dataset):
+    """Sample ``i`` as view 0 replays it: what a replay cache's dataset fingerprint is computed over."""
+
+    def __init__(self, dataset: Any, seed: int) -> None:
+        self.dataset, self.seed = dataset, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        return replay_items(self.dataset, [index], [0], self.seed)[0]
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Bitwise equality of two items (tensors, arrays, numbers, and containers of them)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        as_bytes = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]  # NaN-safe, any dtype
+        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*as_bytes)
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def check_replayable(dataset: Any, views: int, seed: int, spec: str) -> None:
+    """Produce a few (sample, view) items twice; refuse the dataset if any differs, naming it."""
+    length = len(dataset)
+    picks = sorted({0, length - 1, length // 2, length // 3})[:CHECK_ITEMS]
+    for index in picks:
+        for view in sorted({0, views - 1}):
+            first = replay_items(dataset, [index], [view], seed)[0]
+            again = replay_items(dataset, [index], [view], seed)[0]
+            if not _same(first, again):
+                raise DatasetError(
+                    f"--dataset {spec!r}: item {index} (view {view}) differs when produced twice with the same seeds, so "
+                    f"its views cannot be replayed in training. Its randomness must come from torch's, numpy's "
+                    f"(np.random) or Python's (random) global generators, not a CUDA generator, os.urandom or a "
+                    f"generator object of its own"
+                )
+
+
+def default_view(epoch: int, indices: np.ndarray, views: int) -> np.ndarray:
+    """View of each sample in ``epoch``: ``(epoch + h(i)) mod V`` with ``h`` a fixed integer hash.
+
+    Over V consecutive epochs every sample shows each of its V views once; in one epoch the samples
+    start from different views. Deterministic: the same (epoch, i) always gives the same view.
+    """
+    indices = np.asarray(indices, dtype=np.uint64)
+    mixed = (indices * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)  # Fibonacci hashing: spreads consecutive ids
+    return ((mixed + np.uint64(epoch)) % np.uint64(views)).astype(np.int64)
