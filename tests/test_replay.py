@@ -145,3 +145,16 @@ def test_spawned_workers_replay_too(views_cache: Path) -> None:
     inputs = torch.cat([x for x, _, _ in loader])
     expected = torch.stack([x for x, _ in replay_items(dataset, np.arange(N), default_view(1, np.arange(N), VIEWS), SEED)])
     assert torch.equal(inputs, expected)
+
+
+def test_the_trainer_replays_views(views_cache: Path, tmp_path: Path) -> None:
+    """``logit-cache train --cache`` on a views cache: same result with and without worker processes."""
+    from logit_cache import TrainConfig, train
+
+    common = {"student": ARCH, "student_kwargs": {"hidden": 8, "depth": 1}, "dataset": spec("three_rng_images"), "epochs": 2,
+              "quiet": True, "device": "cpu", "caches": [str(views_cache)], "batch_size": 32}
+    alone = train(TrainConfig(out=str(tmp_path / "w0.pt"), **common))
+    workers = train(TrainConfig(out=str(tmp_path / "w2.pt"), num_workers=2, **common))
+    a, b = torch.load(alone.out, weights_only=True), torch.load(workers.out, weights_only=True)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
