@@ -558,7 +558,9 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
     try:
         with torch.inference_mode():
             batch_iter = iter(loader)
-            for position, (plan, indices) in enumerate(batches):
+            for position, (plan, rows_of_batch) in enumerate(batches):
+                # messages name dataset indices: with several views a batch's rows are i * views + v
+                indices = rows_of_batch if config.views == 1 else [row // config.views for row in rows_of_batch]
                 batch = _next_batch(batch_iter, indices)
                 inputs, labels = split_batch(batch, prepared.resolved.has_labels)
                 if labels is not None and config.views > 1:
@@ -582,8 +584,8 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                 writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, ids_dtype, config.dtype))
                 if position + 1 == len(batches) or batches[position + 1][0] != plan:
                     writer.end_shard(plan)
-                rows += len(indices)
-                bar.update(len(indices) // config.views)
+                rows += len(rows_of_batch)
+                bar.update(len(rows_of_batch) // config.views)
         writer.finish()
     except BaseException:
         writer.abort()
