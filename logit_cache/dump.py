@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from . import __version__
+from .catalog import ROOT_ENV, cache_dir_name, find_by_key, readable_name, writer_lock
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
 from .errors import (
     CheckpointNotFoundError,
@@ -86,7 +87,7 @@ class DumpConfig:
 
     teacher: str
     dataset: str
-    out: str
+    out: str | None = None  # the cache directory; or name it by content under cache_root
     mode: str = "topk"
     k: int | None = None
     arch: str | None = None
@@ -106,9 +107,18 @@ class DumpConfig:
     quiet: bool = False
     views: int = 1
     seed: int | None = None
+    #: A shared root: the cache goes to ROOT/<readable>--<key>, and a complete one of that key is reused.
+    cache_root: str | None = None
+    #: Wait for another dump writing the same cache (else fail at once).
+    wait: bool = True
 
     def validate(self) -> None:
         """Reject bad or incompatible options before any work (or any file) is done."""
+        if (self.out is None) == (self.cache_root is None):
+            raise UsageError(
+                f"say where the cache goes: --out DIR, or --cache-root DIR (or ${ROOT_ENV}) to name it by its content"
+                + ("; not both" if self.out is not None else "")
+            )
         if self.mode == "topk":
             if self.k is None:
                 raise UsageError("choose what to store: --topk K (the K largest logits per row) or --full")
@@ -416,7 +426,7 @@ class _Prepared:
 def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest | None]:
     config.validate()
     device = resolve_device(config.device, dist_info.local_rank)
-    out = Path(config.out)
+    out = Path(config.out) if config.out is not None else Path()  # under a root: named once the key is known
     teacher_path = Path(config.teacher)
     if not teacher_path.exists():
         raise CheckpointNotFoundError(f"--teacher {config.teacher}: no such file")
@@ -435,6 +445,13 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
         dtype=config.dtype,
         format_version=FORMAT_VERSION,
     )
+    if config.cache_root is not None:
+        root = Path(config.cache_root)
+        readable = readable_name(config.dataset, config.dataset_kwargs, config.mode, config.k, config.dtype, config.views, config.backend)
+        out = find_by_key(root, key, config.backend) or root / cache_dir_name(readable, key)
+        # Under a root the key is the name: an existing cache of this key is this very content, so
+        # reuse it, and resume an unfinished dump of it (a killed writer's work) instead of refusing.
+        config.resume = not config.overwrite
     done = check_output(out, key, config.backend, config.resume, config.overwrite)
     return _Prepared(config, out, partial_path(out), device, resolved, teacher_sha256, fingerprint, key), done
 
@@ -612,53 +629,70 @@ def dump(config: DumpConfig) -> DumpResult:
             # NCCL, events and the caching allocator follow the current device, not the tensors'.
             torch.cuda.set_device(prepared.device)
         if done is not None:
-            log.info("%s is already complete (key %s): nothing to do", prepared.out, done.key)
-            return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, 0.0, directory_bytes(prepared.out), None)
-
-        def load() -> tuple[Teacher, int]:
-            teacher = load_teacher(
-                config.teacher,
-                arch=config.arch,
-                arch_kwargs=config.arch_kwargs,
-                trust_checkpoint=config.trust_checkpoint,
-                device=prepared.device,
-                sha256=prepared.teacher_sha256,
-            )
-            return teacher, _probe_classes(teacher, prepared)
-
-        teacher, num_classes = _phase(dist_info, load)
-        backend = get_backend(config.backend)
-        layout = plan_layout(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels,
-                             len(prepared.resolved), config.views, config.shard_rows)
-        plans = layout.plans
-        manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
-        if dist_info.is_main:
-            manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
-        else:
-            _sync(dist_info, None)
-        mine = split_for_rank(plans, dist_info.rank, dist_info.world_size)
-        if dist_info.world_size > len(plans) and dist_info.is_main:
-            log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
-        todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
-        rows, mass, compute_seconds = _phase(
-            dist_info, _run_shards, prepared, teacher, layout, todo, num_classes,
-            dist_info.is_main and not config.quiet,
-        )
-        rows, mass, kept, compute_seconds = _reduce_stats(dist_info, rows, mass, len(mine) - len(todo), compute_seconds)
-        seconds = time.perf_counter() - started
-        if dist_info.is_main:
-            manifest.dump["seconds"] = round(seconds, 3)
-            manifest = _phase(dist_info, finalize, prepared.work, prepared.out, manifest, plans, backend)
-        else:
-            _sync(dist_info, None)
-            manifest = read_manifest(prepared.out)
-        mean_mass = mass / rows if rows and config.mode == "topk" else None
-        return DumpResult(prepared.out, manifest, False, rows, kept, seconds, compute_seconds, directory_bytes(prepared.out), mean_mass)
+            return _reused(prepared, done)
+        # One writer per cache: a second dump of it waits here (or fails with wait=False). Ranks of a
+        # torchrun dump share the work instead, coordinated by rank 0's manifest.
+        lock = writer_lock(prepared.out, config.wait) if dist_info.world_size == 1 else contextlib.nullcontext()
+        with lock:
+            if config.resume:  # whoever held the lock may have finished this very cache
+                done = check_output(prepared.out, prepared.key, config.backend, True, False)
+                if done is not None:
+                    return _reused(prepared, done)
+            return _compute(config, prepared, dist_info, started)
     finally:
         if dist_info.owns_group:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _reused(prepared: _Prepared, done: Manifest) -> DumpResult:
+    log.info("reused cache %s at %s: nothing to compute", done.key, prepared.out)
+    return DumpResult(prepared.out, done, True, 0, len(done.shards), 0.0, 0.0, directory_bytes(prepared.out), None)
+
+
+def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started: float) -> DumpResult:
+    """Load the teacher, run it over this rank's unfinished shards, and finalize (rank 0)."""
+
+    def load() -> tuple[Teacher, int]:
+        teacher = load_teacher(
+            config.teacher,
+            arch=config.arch,
+            arch_kwargs=config.arch_kwargs,
+            trust_checkpoint=config.trust_checkpoint,
+            device=prepared.device,
+            sha256=prepared.teacher_sha256,
+        )
+        return teacher, _probe_classes(teacher, prepared)
+
+    teacher, num_classes = _phase(dist_info, load)
+    backend = get_backend(config.backend)
+    layout = plan_layout(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels,
+                         len(prepared.resolved), config.views, config.shard_rows)
+    plans = layout.plans
+    manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
+    if dist_info.is_main:
+        manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
+    else:
+        _sync(dist_info, None)
+    mine = split_for_rank(plans, dist_info.rank, dist_info.world_size)
+    if dist_info.world_size > len(plans) and dist_info.is_main:
+        log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
+    todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
+    rows, mass, compute_seconds = _phase(
+        dist_info, _run_shards, prepared, teacher, layout, todo, num_classes,
+        dist_info.is_main and not config.quiet,
+    )
+    rows, mass, kept, compute_seconds = _reduce_stats(dist_info, rows, mass, len(mine) - len(todo), compute_seconds)
+    seconds = time.perf_counter() - started
+    if dist_info.is_main:
+        manifest.dump["seconds"] = round(seconds, 3)
+        manifest = _phase(dist_info, finalize, prepared.work, prepared.out, manifest, plans, backend)
+    else:
+        _sync(dist_info, None)
+        manifest = read_manifest(prepared.out)
+    mean_mass = mass / rows if rows and config.mode == "topk" else None
+    return DumpResult(prepared.out, manifest, False, rows, kept, seconds, compute_seconds, directory_bytes(prepared.out), mean_mass)
 
 
 def _reduce_stats(dist_info: _Dist, rows: int, mass: float, kept: int, compute_seconds: float) -> tuple[int, float, int, float]:

@@ -75,3 +75,7 @@ class DatasetMismatchError(LogitCacheError, ValueError):
 
 class TargetMismatchError(LogitCacheError, ValueError):
     """Cached targets do not fit the loss or the student (mode, class count, tail strategy)."""
+
+
+class CacheBusyError(LogitCacheError, BlockingIOError):
+    """Another process is writing this cache (its lock is held)."""
