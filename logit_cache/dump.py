@@ -444,6 +444,7 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
         seed=config.seed,
         dtype=config.dtype,
         format_version=FORMAT_VERSION,
+        precision=config.precision,
     )
     if config.cache_root is not None:
         root = Path(config.cache_root)

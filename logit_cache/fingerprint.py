@@ -15,7 +15,8 @@ A cache holds what one teacher said about one dataset under one encoding. Three 
   length, changed kwargs and changed content at the sampled indices; a change confined to
   unsampled items is not seen (hashing every item would cost a full pass over the data).
 * **Key**: a short SHA-256 of the canonical JSON (sorted keys) of what determines the stored
-  content: format version, teacher hash, dataset fingerprint, mode, k or m, views, seed and dtype.
+  content: format version, teacher hash, dataset fingerprint, mode, k or m, views, seed and dtype,
+  and the teacher's compute precision when it is not fp32 (a bf16 teacher gives other logits).
   Two dumps with equal keys hold the same arrays; the backend, the shard layout and the
   temperature default do not enter the key (they change the container, not the content).
 
@@ -130,6 +131,7 @@ def content_key(
     seed: int | None,
     dtype: str,
     format_version: int,
+    precision: str = "fp32",
 ) -> str:
     """The short key that names a cache's content (see the module docstring)."""
     payload = {
@@ -143,4 +145,6 @@ def content_key(
         "seed": seed,
         "dtype": dtype,
     }
+    if precision != "fp32":  # bf16/fp16 teachers give other logits; fp32 keys stay as they were
+        payload["precision"] = precision
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]

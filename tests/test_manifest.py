@@ -91,3 +91,6 @@ def test_key_covers_content_fields_only():
     for name, value in [("teacher_sha256", "u"), ("dataset_fingerprint", "e"), ("k", 6), ("dtype", "float32"),
                         ("views", 2), ("seed", 0), ("mode", "full")]:
         assert content_key(**{**base, name: value}) != key, name
+    # the teacher's precision: bf16/fp16 logits differ from fp32 ones; fp32 keeps the key it always had
+    assert content_key(**base, precision="fp32") == key
+    assert len({key, content_key(**base, precision="bf16"), content_key(**base, precision="fp16")}) == 3
