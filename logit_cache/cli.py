@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from . import __version__
+from .catalog import ROOT_ENV, gc_candidates, list_caches, remove_cache
 from .dump import DumpConfig, DumpResult, directory_bytes, dump
 from .errors import LogitCacheError, UsageError
 from .manifest import Manifest, read_manifest
@@ -71,8 +72,13 @@ def main() -> None:
               help="'digits' (built in, scikit-learn's handwritten digits) or MODULE:CALLABLE returning a map-style "
                    "Dataset whose items are (input, label) or input.")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"test\"}'.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Cache directory to create. Written as DIR.partial and renamed to DIR once complete.")
+@click.option("--cache-root", type=click.Path(path_type=Path), metavar="ROOT",
+              help="Instead of --out: put the cache under ROOT, named by what it holds and its content key, and reuse a "
+                   "complete cache of that key instead of computing it [default without --out: $LOGIT_CACHE_ROOT].")
+@click.option("--no-wait", is_flag=True,
+              help="If another dump is writing this cache, fail at once instead of waiting for it (and then reusing it).")
 @click.option("--topk", type=int, metavar="K", help="Store the K largest logits per row, their ids and the logsumexp of all logits.")
 @click.option("--full", is_flag=True, help="Store every logit (C values per row).")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
@@ -101,7 +107,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at DIR (only a directory holding a logit-cache manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no log lines; only the summary and errors.")
 def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool, dataset: str,
-                 dataset_kwargs: str | None, out: Path, topk: int | None, full: bool, temperature: float, dtype: str,
+                 dataset_kwargs: str | None, out: Path | None, cache_root: Path | None, no_wait: bool, topk: int | None, full: bool,
+                 temperature: float, dtype: str,
                  backend: str, batch_size: int, num_workers: int | None, device: str, precision: str,
                  shard_rows: int | None, views: int, seed: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Run a teacher over a dataset once and cache its logits.
@@ -127,7 +134,9 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
             trust_checkpoint=trust_checkpoint,
             dataset=dataset,
             dataset_kwargs=parse_json_kwargs(dataset_kwargs, "--dataset-kwargs"),
-            out=str(out),
+            out=str(out) if out is not None else None,
+            cache_root=str(cache_root) if cache_root is not None else (None if out is not None else os.environ.get(ROOT_ENV)),
+            wait=not no_wait,
             mode="full" if full else "topk",
             k=topk,
             temperature=temperature,
@@ -161,7 +170,7 @@ def _summary(result: DumpResult) -> str:
     size = result.bytes_on_disk
     what = f"top-{manifest.k}" if manifest.mode == "topk" else "full logits"
     if result.reused:
-        return f"{result.out} is already complete ({what}, key {manifest.key}): nothing to do"
+        return f"reused cache {manifest.key} ({what}, {manifest.backend}) at {result.out}: nothing computed"
     lines = [
         f"wrote {result.out}: {what}, {manifest.dtype}, {manifest.backend}, {manifest.num_classes} classes",
         f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} samples) in {len(manifest.shards)} shard(s)"
@@ -226,6 +235,113 @@ def info_command(cache: Path, as_json: bool) -> None:
         f"  on disk      {_human_bytes(record['bytes_on_disk'])} ({record['bytes_per_sample']:,.1f} B/sample)",
     ]
     click.echo("\n".join(lines))
+
+
+def _root_or_env(root: Path | None) -> Path:
+    if root is not None:
+        return root
+    if os.environ.get(ROOT_ENV):
+        return Path(os.environ[ROOT_ENV])
+    raise UsageError(f"name the cache root: an argument, or set {ROOT_ENV}")
+
+
+@main.command("ls")
+@click.argument("root", required=False, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list, one object per cache.")
+def ls_command(root: Path | None, as_json: bool) -> None:
+    """List the caches under a cache root [default: $LOGIT_CACHE_ROOT].
+
+    One row per cache: key, teacher file and hash, dataset, content, rows, size on disk,
+    bytes per sample, status, created. Unfinished dumps are marked INCOMPLETE (or WRITING while
+    a dump holds their lock).
+    """
+    try:
+        entries = list_caches(_root_or_env(root))
+    except LogitCacheError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps([entry.to_json() for entry in entries], indent=2))
+        return
+    header = ["key", "teacher", "dataset", "content", "rows", "size", "B/sample", "status", "created", "name"]
+    lines = []
+    for entry in entries:
+        record = entry.to_json()
+        status = "complete" if entry.complete else ("WRITING" if entry.locked else "INCOMPLETE")
+        if entry.manifest is None:
+            state = "INCOMPLETE (no manifest yet)" if entry.path.name.endswith(".partial") else f"DAMAGED: {entry.error}"
+            lines.append(["?", "?", "?", "?", "?", _human_bytes(entry.bytes_on_disk), "?", state, "?", entry.path.name])
+            continue
+        what = f"top-{record['k']}" if record["mode"] == "topk" else record["mode"]
+        what += f" {record['dtype']} {record['backend']}" + (f" x{record['views']} views" if record["views"] > 1 else "")
+        data = record["dataset"] + (f" {json.dumps(record['dataset_kwargs'])}" if record["dataset_kwargs"] else "")
+        lines.append([record["key"], f"{Path(str(record['teacher'])).name} ({str(record['teacher_sha256'])[:8]})", data, what,
+                      f"{record['rows']:,}", _human_bytes(entry.bytes_on_disk), f"{record['bytes_per_sample']:,.1f}", status,
+                      str(record["created_at"])[:19], entry.path.name])
+    widths = [max(len(str(row[i])) for row in [header, *lines]) for i in range(len(header))]
+    for row in [header, *lines]:
+        click.echo("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    if not lines:
+        click.echo(f"(no caches under {root or os.environ.get(ROOT_ENV)})")
+
+
+def _confirm_and_delete(targets: list[tuple[Path, str]], yes: bool) -> None:
+    if not targets:
+        click.echo("nothing to delete")
+        return
+    for path, why in targets:
+        click.echo(f"  {path}  ({why}, {_human_bytes(directory_bytes(path))})")
+    if not yes and not click.confirm(f"delete these {len(targets)}?", default=False):
+        click.echo("nothing deleted")
+        return
+    for path, _ in targets:
+        remove_cache(path)
+        click.echo(f"deleted {path}")
+
+
+@main.command("rm")
+@click.argument("caches", nargs=-1, required=True, metavar="CACHE...")
+@click.option("--root", type=click.Path(path_type=Path), help="Cache root, to name caches by key [default: $LOGIT_CACHE_ROOT].")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting.")
+def rm_command(caches: tuple[str, ...], root: Path | None, yes: bool) -> None:
+    """Delete caches: directories, or keys under a cache root. Asks first.
+
+    Only directories holding a logit-cache manifest (or unfinished .partial dumps) are deleted, and
+    never one that a running dump is writing.
+    """
+    try:
+        targets = []
+        for name in caches:
+            path = Path(name)
+            if not path.exists():
+                base = _root_or_env(root)
+                matches = sorted(p for p in base.glob(f"*--{name}*") if p.is_dir()) if base.is_dir() else []
+                if not matches:
+                    raise UsageError(f"{name}: no such cache directory, and no cache of that key under {base}")
+                targets += [(match, "by key") for match in matches]
+            else:
+                targets.append((path, "named"))
+        _confirm_and_delete(targets, yes)
+    except LogitCacheError as exc:
+        _fail(exc)
+
+
+@main.command("gc")
+@click.argument("root", required=False, type=click.Path(path_type=Path))
+@click.option("--unused-days", type=float, default=None,
+              help="Also delete complete caches whose manifest was not read for this many days (its access time: updated "
+                   "at most daily on relatime mounts, never on noatime ones).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask before deleting.")
+def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
+    """Delete unfinished dumps no one is writing (and, with --unused-days, unused caches) under a root.
+
+    Lists what it would delete and asks first.
+    """
+    try:
+        candidates = gc_candidates(_root_or_env(root), unused_days)
+        _confirm_and_delete([(entry.path, why) for entry, why in candidates], yes)
+    except LogitCacheError as exc:
+        _fail(exc)
 
 
 @main.command("train")
@@ -363,6 +479,105 @@ def demo_command(workdir: Path | None, seed: int, epochs: int, topk: int, quiet:
     click.echo(result.table())
     if workdir is not None:
         click.echo(f"outputs in {workdir} (demo.json holds the table)")
+
+
+@main.command("verify")
+@click.argument("cache", type=click.Path(path_type=Path), metavar="DIR")
+@click.option("--teacher", metavar="CKPT", help="Also re-run this teacher on --samples random samples and compare with the cache "
+              "(needs --dataset). Loaded as dump loads it.")
+@click.option("--arch", metavar="MODULE:CALLABLE", help="With --teacher: builds its architecture for a state_dict (as at dump time).")
+@click.option("--arch-kwargs", metavar="JSON", help="With --teacher: keyword arguments for --arch, as a JSON object.")
+@click.option("--trust-checkpoint", is_flag=True, help="With --teacher: allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--dataset", metavar="SPEC", help="With --teacher: the data the cache was dumped from ('digits' or MODULE:CALLABLE).")
+@click.option("--dataset-kwargs", metavar="JSON", help="With --teacher: keyword arguments for the dataset.")
+@click.option("--samples", type=int, default=32, show_default=True,
+              help="With --teacher: how many random samples (and, for caches of several views, random views) to compare.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of samples and views.")
+@click.option("--device", default="cpu", show_default=True, help="Where the teacher runs: cpu, cuda, cuda:N or auto.")
+@click.option("--json", "as_json", is_flag=True, help='Print one JSON object: {"path", "ok", "checks", "failures", "summary"}.')
+def verify_command(cache: Path, teacher: str | None, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool,
+                   dataset: str | None, dataset_kwargs: str | None, samples: int, seed: int, device: str, as_json: bool) -> None:
+    """Check a cache: every shard's checksum, arrays, dtypes and shapes against its manifest.
+
+    With --teacher and --dataset, also re-run the teacher on --samples random samples and compare
+    with the cached rows: float32 caches within 1e-4 relative plus 1e-4 absolute, float16 caches
+    within half a float16 ulp plus that (looser for fp16/bf16 dumps); top-k ids as sets, allowing
+    swaps among logits tied at the k-th place. A teacher file whose sha256 changed since the dump
+    is reported, and fails only if its outputs differ.
+
+    Exits 0 when every check holds, 1 otherwise, with one line per failed shard, array or sample
+    and a summary line.
+
+    \b
+    Examples:
+      logit-cache verify caches/digits-top5
+      logit-cache verify caches/digits-top5 --teacher teacher.pt --arch logit_cache.models:digits_mlp \\
+          --arch-kwargs '{"hidden": 32}' --dataset digits --samples 64
+    """
+    from .verify import verify_cache
+
+    try:
+        report = verify_cache(
+            cache, teacher=teacher, arch=arch, arch_kwargs=parse_json_kwargs(arch_kwargs, "--arch-kwargs"),
+            trust_checkpoint=trust_checkpoint, dataset=dataset,
+            dataset_kwargs=parse_json_kwargs(dataset_kwargs, "--dataset-kwargs"),
+            samples=samples, seed=seed, device=device,
+        )
+    except LogitCacheError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        for failure in report.failures:
+            click.echo(f"FAIL {failure}")
+        for notice in report.notices:
+            click.echo(f"note {notice}")
+        click.echo(report.summary)
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.command("convert")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.argument("dst", type=click.Path(path_type=Path))
+@click.option("--format", "backend", type=click.Choice(["zarr", "hdf5"]), default=None,
+              help="Backend of the new cache [default: SRC's].")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default=None,
+              help="Dtype of the logit values [default: SRC's]. float32 -> float16 rounds to nearest (refused for values "
+                   "beyond float16's range); float16 -> float32 is exact.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing cache at DST (only a directory holding a logit-cache manifest).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no log lines; only the summary and errors.")
+def convert_command(src: Path, dst: Path, backend: str | None, dtype: str | None, overwrite: bool, quiet: bool) -> None:
+    """Write a complete cache SRC as a new cache DST in the other backend or value dtype.
+
+    The same arrays, shards and chunks; only the container (--format) or the dtype of the logit
+    values (--dtype) changes. SRC is only read. DST gets its own manifest; its key is SRC's when
+    only the backend changes, else recomputed for the new dtype.
+
+    \b
+    Examples:
+      logit-cache convert caches/digits-top5 caches/digits-top5-h5 --format hdf5
+      logit-cache convert caches/full-fp32 caches/full-fp16 --dtype float16
+    """
+    from .convert import convert
+
+    _setup_logging(quiet)
+    try:
+        result = convert(src, dst, backend=backend, dtype=dtype, overwrite=overwrite, quiet=quiet)
+    except LogitCacheError as exc:
+        _fail(exc)
+        return
+    source, manifest = result.source, result.manifest
+    what = f"top-{manifest.k}" if manifest.mode == "topk" else f"{manifest.mode} logits"
+    key = f"{manifest.key} (unchanged)" if manifest.key == source.key else f"{manifest.key} (was {source.key})"
+    click.echo("\n".join([
+        f"converted {result.src} -> {result.dst}: {what}, {source.backend} {source.dtype} -> {manifest.backend} {manifest.dtype}",
+        f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} samples) in {len(manifest.shards)} shard(s)",
+        f"  on disk     {_human_bytes(result.bytes_before)} -> {_human_bytes(result.bytes_after)}",
+        f"  time        {result.seconds:.2f} s",
+        f"  key         {key}",
+    ]))
 
 
 if __name__ == "__main__":

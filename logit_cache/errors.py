@@ -79,3 +79,7 @@ class TargetMismatchError(LogitCacheError, ValueError):
 
 class CacheBusyError(LogitCacheError, BlockingIOError):
     """Another process is writing this cache (its lock is held)."""
+
+
+class MissingPackageError(LogitCacheError, ImportError):
+    """Reading from a URL needs a package that is not installed (fsspec, or a protocol's own: s3fs, gcsfs...)."""

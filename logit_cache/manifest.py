@@ -3,6 +3,7 @@
 ``manifest.json`` is the last file a dump writes, and it is written atomically (a temporary file,
 fsync, then ``os.replace``), so a reader sees either the previous manifest or the new one, never a
 torn file. ``complete: true`` is the promise that every shard listed is closed and checksummed.
+Reading a manifest writes nothing; it may be read from an fsspec URL (see :func:`read_manifest`).
 Field meanings are the contract of DESIGN.md section 3.
 """
 
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CacheFormatError, CacheNotFoundError
+from .store.base import URLPath, as_location, is_url, url_filesystem
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -137,8 +139,15 @@ def manifest_path(cache_dir: str | Path) -> Path:
     return Path(cache_dir) / MANIFEST_NAME
 
 
-def read_manifest(cache_dir: str | Path) -> Manifest:
-    """Read and validate ``cache_dir/manifest.json``."""
+def read_manifest(cache_dir: str | Path, storage_options: dict[str, Any] | None = None) -> Manifest:
+    """Read and validate ``cache_dir/manifest.json`` (read-only: nothing is written).
+
+    ``cache_dir`` may be an fsspec URL (``s3://bucket/cache``, ``memory://...``, ``file:///...``),
+    read through fsspec with ``storage_options``; messages then show the URL.
+    """
+    if is_url(cache_dir):
+        return _read_remote_manifest(URLPath(cache_dir), storage_options)
+    as_location(cache_dir, storage_options)  # storage_options with a local path: a usage error
     path = manifest_path(cache_dir)
     if not path.is_file():
         if not Path(cache_dir).exists():
@@ -149,6 +158,34 @@ def read_manifest(cache_dir: str | Path) -> Manifest:
     except (OSError, json.JSONDecodeError) as exc:
         raise CacheFormatError(f"{path}: cannot be read as JSON ({exc})") from exc
     return Manifest.from_dict(data, str(path))
+
+
+def _read_remote_manifest(url: URLPath, storage_options: dict[str, Any] | None) -> Manifest:
+    fs, root = url_filesystem(url, storage_options)
+    inner = f"{root.rstrip('/')}/{MANIFEST_NAME}"
+    shown = url / MANIFEST_NAME
+    try:
+        found = fs.isfile(inner)
+        missing_dir = not found and not fs.exists(root)
+    except OSError as exc:  # credentials, network: fsspec's own message says which
+        raise CacheNotFoundError(f"{url}: cannot be reached through fsspec ({exc!r})") from exc
+    if missing_dir:
+        raise CacheNotFoundError(f"{url}: no such cache directory")
+    if not found:
+        raise CacheNotFoundError(f"{url}: no {MANIFEST_NAME} in it: not a logit-cache cache, or a dump that never started")
+    try:
+        data = json.loads(fs.cat_file(inner))
+    except (OSError, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise CacheFormatError(f"{shown}: cannot be read as JSON ({exc})") from exc
+    return Manifest.from_dict(data, shown)
+
+
+def path_exists(location: str | Path, storage_options: dict[str, Any] | None = None) -> bool:
+    """Whether a local path or an fsspec URL exists (reading only)."""
+    if is_url(location):
+        fs, inner = url_filesystem(location, storage_options)
+        return bool(fs.exists(inner))
+    return Path(location).exists()
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:

@@ -11,6 +11,18 @@ Processes: shard handles are opened lazily and dropped when the process id chang
 DataLoader worker) or the object is pickled (spawned workers), so each process opens its own.
 Arrays already in memory survive a fork (shared copy-on-write) but not a pickle (each spawned
 worker re-reads them rather than receiving them through a pipe).
+
+Read-only: shards are opened with mode ``"r"`` (Zarr and HDF5) and nothing is created, renamed or
+touched, so a cache can be read from a read-only mount, by a user with read permission only, and by
+many processes at once.
+
+Remote caches: a ``str`` location with a protocol (``s3://bucket/cache``, ``gs://...``,
+``memory://...``, ``file:///abs/path``) is read through fsspec, imported only then, with
+``storage_options`` passed to it (credentials, endpoints). ``self.path`` is then a
+:class:`~logit_cache.store.base.URLPath`, so messages show the URL. Zarr and HDF5 caches both
+work over URLs; fsspec and the protocol's package (s3fs, gcsfs...) must be installed. The
+``memory://`` filesystem belongs to one process, so DataLoader workers cannot see it; other
+protocols work in workers (each process opens its own store).
 """
 
 from __future__ import annotations
@@ -25,8 +37,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import CorruptShardError, IncompleteCacheError, TargetMismatchError, UsageError
-from .manifest import Manifest, read_manifest
+from .manifest import Manifest, path_exists, read_manifest
 from .store import ShardReader, get_backend
+from .store.base import URLPath, as_location
 from .targets import TARGET_ARRAYS, Targets
 
 if TYPE_CHECKING:
@@ -41,16 +54,17 @@ CHUNK_CACHE_BYTES = 128 << 20
 
 
 class CacheReader:
-    """A cache on disk: its manifest and lazily opened shard readers."""
+    """A cache on disk or at an fsspec URL: its manifest and lazily opened shard readers (read-only)."""
 
-    def __init__(self, path: str | Path, allow_incomplete: bool = False) -> None:
-        self.path = Path(path)
-        if not self.path.exists() and Path(f"{self.path}.partial").exists():
+    def __init__(self, path: str | Path, allow_incomplete: bool = False, storage_options: dict[str, Any] | None = None) -> None:
+        self.path: Path | URLPath = as_location(path, storage_options)
+        self.storage_options: dict[str, Any] | None = dict(storage_options) if isinstance(self.path, URLPath) and storage_options else None
+        if not path_exists(self.path, self.storage_options) and path_exists(f"{self.path}.partial", self.storage_options):
             raise IncompleteCacheError(
                 f"{self.path}: the dump has not finished; its unfinished data is in {self.path}.partial "
                 f"(rerun the dump with --resume to complete it)"
             )
-        self.manifest: Manifest = read_manifest(self.path)
+        self.manifest: Manifest = read_manifest(self.path, self.storage_options)
         if not self.manifest.complete and not allow_incomplete:
             raise IncompleteCacheError(
                 f"{self.path}: manifest says complete=false: the dump that writes it has not finished "
@@ -83,7 +97,7 @@ class CacheReader:
             self._shards = {}
             self._pid = os.getpid()
         if position not in self._shards:
-            self._shards[position] = self.backend.open(self.path / self.manifest.shards[position].path)
+            self._shards[position] = self.backend.open(self.path / self.manifest.shards[position].path, self.storage_options)
         return self._shards[position]
 
     def read(self, name: str) -> np.ndarray:
@@ -105,9 +119,12 @@ class CacheReader:
         return failures
 
 
-def open_reader(path: str | Path, allow_incomplete: bool = False) -> CacheReader:
-    """Open a cache for reading; refuses an incomplete one unless asked."""
-    return CacheReader(path, allow_incomplete=allow_incomplete)
+def open_reader(path: str | Path, allow_incomplete: bool = False, storage_options: dict[str, Any] | None = None) -> CacheReader:
+    """Open a cache for reading; refuses an incomplete one unless asked.
+
+    ``path``: a local directory, or an fsspec URL (``storage_options`` go to fsspec).
+    """
+    return CacheReader(path, allow_incomplete=allow_incomplete, storage_options=storage_options)
 
 
 class LogitCache(CacheReader):
@@ -118,8 +135,11 @@ class LogitCache(CacheReader):
     >>> ds = cache.wrap(train_dataset)    # items (input, label, target), see loader.py
     """
 
-    def __init__(self, path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> None:
-        super().__init__(path)
+    def __init__(
+        self, path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+        storage_options: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(path, storage_options=storage_options)
         manifest = self.manifest
         if manifest.mode not in TARGET_ARRAYS:
             raise TargetMismatchError(f"{self.path}: mode {manifest.mode!r} caches cannot be read as training targets by this version")
@@ -324,10 +344,15 @@ class LogitCache(CacheReader):
         return collate(batch)
 
 
-def open_cache(path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES) -> LogitCache:
+def open_cache(
+    path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
+    storage_options: dict[str, Any] | None = None,
+) -> LogitCache:
     """Open a complete cache for training (read-only; an incomplete cache is refused).
 
+    ``path``: a local directory, or an fsspec URL such as ``s3://bucket/caches/digits-top10``
+    (needs fsspec and the protocol's package; ``storage_options`` go to fsspec).
     ``in_memory``: None (default) holds the targets in memory when they decode to at most 512 MiB,
     else reads chunks through an LRU of ``chunk_cache_bytes`` per process; True/False force it.
     """
-    return LogitCache(path, in_memory=in_memory, chunk_cache_bytes=chunk_cache_bytes)
+    return LogitCache(path, in_memory=in_memory, chunk_cache_bytes=chunk_cache_bytes, storage_options=storage_options)

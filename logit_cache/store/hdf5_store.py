@@ -8,6 +8,9 @@ DataLoader forks is safe (each worker opens its own).
 
 from __future__ import annotations
 
+import errno
+import logging
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,9 @@ import h5py
 import numpy as np
 
 from ..errors import CorruptShardError
-from .base import ArraySpec, Backend, ShardReader, ShardWriter
+from .base import ArraySpec, Backend, ShardReader, ShardWriter, URLPath, is_url, url_filesystem
+
+log = logging.getLogger(__name__)
 
 
 class HDF5ShardWriter(ShardWriter):
@@ -51,16 +56,37 @@ class HDF5ShardWriter(ShardWriter):
 
 
 class HDF5ShardReader(ShardReader):
-    def __init__(self, path: Path) -> None:
+    """A shard opened read-only: ``h5py.File(path, "r")``, which writes nothing to the file.
+
+    File locking: HDF5 takes a shared ``flock`` on files opened for reading, which needs no write
+    access (it works on a read-only file, mount or user). Where the filesystem refuses locks
+    (``ENOSYS``/``ENOLCK``: some NFS and FUSE mounts), the file is reopened with ``locking=False``:
+    a complete shard is never modified, so a reader loses nothing by not locking. A conflicting
+    lock (``EAGAIN``: another process has the file open for writing) is not overridden.
+    ``HDF5_USE_FILE_LOCKING`` still applies as HDF5 documents it.
+
+    A :class:`URLPath` is read through fsspec: ``h5py.File(fs.open(path, "rb"), "r")`` (h5py's
+    file-object driver; every read is a ranged read of the remote file).
+    """
+
+    def __init__(self, path: Path | URLPath, storage_options: Mapping[str, Any] | None = None) -> None:
         self.path = path
+        self.storage_options = dict(storage_options or {})
         self._file: h5py.File | None = None
+        self._source: Any = None  # the fsspec file object under a remote shard's h5py.File
         self._names = sorted(self._handle().keys())
 
     def _handle(self) -> h5py.File:
         if self._file is None:
+            fs, inner = url_filesystem(self.path, self.storage_options) if is_url(self.path) else (None, None)
             try:
-                self._file = h5py.File(self.path, "r")
+                if fs is not None:
+                    self._source = fs.open(inner, "rb")
+                    self._file = h5py.File(self._source, "r")
+                else:
+                    self._file = _open_read_only(self.path)
             except Exception as exc:
+                self.close()
                 raise CorruptShardError(f"{self.path}: cannot be opened as an HDF5 file ({exc}); the shard is missing or damaged") from exc
         return self._file
 
@@ -74,12 +100,29 @@ class HDF5ShardReader(ShardReader):
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
     def __getstate__(self) -> dict[str, Any]:
-        # h5py handles must not cross a fork or a pickle: reopen on first use.
+        # h5py handles (and the fsspec file under a remote one) must not cross a fork or a pickle: reopen on first use.
         state = self.__dict__.copy()
         state["_file"] = None
+        state["_source"] = None
         return state
+
+
+def _open_read_only(path: Path) -> h5py.File:
+    """``h5py.File(path, "r")``; without file locking where the filesystem does not support locks."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as exc:
+        message = str(exc)
+        code = re.search(r"errno = (\d+)", message)
+        if "unable to lock file" not in message.lower() or (code is not None and int(code.group(1)) == errno.EAGAIN):
+            raise
+        log.info("%s: the filesystem refuses file locks (%s); reading without locking (a complete shard never changes)", path, message)
+        return h5py.File(path, "r", locking=False)
 
 
 class HDF5Backend(Backend):

@@ -17,7 +17,7 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from ..errors import CorruptShardError
-from .base import ArraySpec, Backend, ShardReader, ShardWriter
+from .base import ArraySpec, Backend, ShardReader, ShardWriter, URLPath, is_url, url_filesystem
 
 
 def _compressors(spec: ArraySpec) -> Any:
@@ -59,10 +59,20 @@ class ZarrShardWriter(ShardWriter):
 
 
 class ZarrShardReader(ShardReader):
-    def __init__(self, path: Path) -> None:
+    """A shard opened read-only (``mode="r"``: zarr's store is read-only and nothing is written).
+
+    A :class:`URLPath` is opened through fsspec: ``zarr.open_group(url, mode="r", storage_options=...)``
+    (zarr builds an ``FsspecStore`` from the URL, wrapping a synchronous filesystem for its async API).
+    """
+
+    def __init__(self, path: Path | URLPath, storage_options: Mapping[str, Any] | None = None) -> None:
         self.path = path
+        remote: dict[str, Any] = {}
+        if is_url(path):
+            url_filesystem(path, storage_options)  # a missing fsspec or protocol package: a clear error, not a damaged shard
+            remote = {"storage_options": dict(storage_options or {})}
         try:
-            self._group = zarr.open_group(str(path), mode="r", zarr_format=3)
+            self._group = zarr.open_group(str(path), mode="r", zarr_format=3, **remote)
             self._names = sorted(self._group.array_keys())
         except Exception as exc:
             raise CorruptShardError(f"{path}: cannot be opened as a Zarr v3 group ({exc!r}); the shard is missing or damaged") from exc

@@ -1,0 +1,391 @@
+"""Convert a complete cache to the other backend or another value dtype, as a new cache.
+
+A complete cache is never modified (DESIGN.md section 3): ``convert`` reads ``SRC`` and writes a
+new cache at ``DST`` with the same shard layout (the same row and sample ranges, the same chunk
+rows per array), the same arrays under the same names, and only the container (Zarr or HDF5) or
+the dtype of the logit values (``logits`` / ``topk_logits``) changed. Ids, ``logsumexp`` and
+``labels`` are copied as they are. Like a dump, it writes into ``DST.partial`` and renames it to
+``DST`` only after every shard is closed and the complete manifest is written, so ``DST`` existing
+means a whole cache; a conversion that fails removes its ``DST.partial`` (there is nothing to
+resume: a conversion is cheap to rerun), one that is killed leaves it for ``--overwrite``.
+
+Reading is shard by shard and, within a shard, array by array in blocks of whole chunks of about
+``BLOCK_BYTES``, so memory stays flat whatever the shard size.
+
+Integrity: the source's content is checked against its manifest's shard checksums on the way
+(checksums are over the stored bytes, independent of the backend, so when the dtype is unchanged
+the new shard's checksum must equal the old one; otherwise the source blocks are hashed as they
+are read). A damaged source is refused, never copied into a cache that looks healthy.
+
+Identity (the key). The key covers the content, not the container: converting the backend only
+keeps the key. Changing the dtype recomputes it with :func:`content_key` from the manifest's
+teacher hash, dataset fingerprint, mode, k, views and seed:
+
+* narrowing float32 -> float16 rounds to nearest even, exactly what a float16 dump stores (both
+  round the float32 logits), so the result gets the key a float16 dump of the same teacher and
+  data would get. Values beyond float16's range are refused, naming the rows.
+* widening float16 -> float32 is exact, but the values are still float16-rounded: a float32 dump
+  would hold other values, so the widened cache must not share its key. Its key is computed with
+  the dtype field ``"float32 rounded to float16"`` (and the manifest's ``dump.value_precision``
+  says ``float16``); narrowing it back gives the original float16 key again.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .dump import array_specs, directory_bytes
+from .errors import (
+    CacheFormatError,
+    CorruptShardError,
+    IncompleteCacheError,
+    NonFiniteLogitsError,
+    OutputExistsError,
+    UsageError,
+)
+from .fingerprint import content_key
+from .manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
+from .reader import CacheReader, open_reader
+from .store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
+from .writer import partial_path, remove_path
+
+log = logging.getLogger(__name__)
+
+#: Arrays holding logit values: the only ones whose dtype ``--dtype`` changes.
+VALUE_ARRAYS = ("logits", "topk_logits")
+#: About this many bytes of one array are read (and written) per block.
+BLOCK_BYTES = 32 << 20
+#: How many offending rows an overflow error lists.
+SHOWN_ROWS = 20
+
+
+@dataclass
+class ConvertResult:
+    """What a conversion did, for the CLI summary and for callers."""
+
+    src: Path
+    dst: Path
+    source: Manifest
+    manifest: Manifest
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
+def _key_dtype(dtype: str, precision: str) -> str:
+    """The dtype field of the key: the storage dtype, qualified when the values were rounded narrower."""
+    return dtype if dtype == precision else f"{dtype} rounded to {precision}"
+
+
+def _key(manifest: Manifest, dtype_field: str) -> str:
+    return content_key(
+        teacher_sha256=manifest.teacher.get("sha256"),
+        dataset_fingerprint=manifest.dataset.get("fingerprint"),
+        mode=manifest.mode,
+        k=manifest.k,
+        views=manifest.views,
+        seed=manifest.seed,
+        dtype=dtype_field,
+        format_version=FORMAT_VERSION,
+        precision=str(manifest.dump.get("precision", "fp32")),  # as the dump keyed it
+    )
+
+
+def _itemsize(dtype: str) -> int:
+    return np.dtype(dtype).itemsize
+
+
+def source_precision(manifest: Manifest) -> str | None:
+    """The narrowest dtype the source's values went through (its key says), or None if its key
+    cannot be recomputed from its manifest (another fingerprint version, a hand-edited manifest)."""
+    if _key(manifest, manifest.dtype) == manifest.key:
+        return manifest.dtype
+    for precision in VALUE_DTYPES:
+        if _itemsize(precision) < _itemsize(manifest.dtype) and _key(manifest, _key_dtype(manifest.dtype, precision)) == manifest.key:
+            return precision
+    return None
+
+
+def _check_paths(src: Path, dst: Path) -> None:
+    a, b = src.resolve(), dst.resolve()
+    if a == b or a in b.parents or b in a.parents:
+        raise UsageError(
+            f"DST {dst} is SRC {src} or lies inside it (or contains it): a complete cache is never modified; "
+            f"choose a DST outside SRC"
+        )
+
+
+def _check_destination(dst: Path, work: Path, overwrite: bool, key: str, backend: str) -> None:
+    """Refuse to clobber anything but a logit-cache cache, and that only with ``overwrite``."""
+    if dst.exists():
+        has_manifest = (dst / MANIFEST_NAME).is_file()
+        if not overwrite:
+            same = ""
+            if has_manifest:
+                try:
+                    existing = read_manifest(dst)
+                    if existing.complete and existing.key == key and existing.backend == backend:
+                        same = f" (it already holds this content: key {key}, {backend})"
+                except CacheFormatError:
+                    pass
+            raise OutputExistsError(f"{dst} already exists{same}; pass --overwrite to replace it, or choose another DST")
+        if not has_manifest and (dst.is_file() or any(dst.iterdir())):
+            raise OutputExistsError(
+                f"{dst} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with --overwrite; "
+                f"choose another DST"
+            )
+    if work.exists() and not overwrite:
+        raise OutputExistsError(
+            f"{work} exists: an unfinished dump or conversion into {dst}; pass --overwrite to discard it, or choose another DST"
+        )
+
+
+def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> list[ArraySpec]:
+    """The arrays of the new cache: the source's names, row shapes and chunk rows; values in ``dtype``;
+    compressed (in Zarr) exactly as a dump of these settings compresses them."""
+    if not source.arrays:
+        raise CacheFormatError(f"the manifest of {first_shard.path.parent} lists no arrays; it cannot be converted")
+    if source.mode in ("full", "topk"):
+        dumped = array_specs(source.mode, source.k, source.num_classes, dtype, "labels" in source.arrays, source.num_samples)
+        compressed = {spec.name for spec in dumped if spec.compress}
+    else:  # modes a dump does not write yet: compress all but full logits, as a dump does
+        compressed = {name for name in source.arrays if name != "logits"}
+    specs = []
+    for name, info in source.arrays.items():
+        if name not in first_shard.names():
+            raise CorruptShardError(f"{first_shard.path}: has no array {name!r}, which the manifest lists; the shard is damaged")
+        specs.append(
+            ArraySpec(
+                name,
+                dtype if name in VALUE_ARRAYS else str(info["dtype"]),
+                tuple(info["row_shape"]),
+                per=str(info.get("per", "row")),
+                compress=name in compressed,
+                chunk_rows=first_shard.chunk_rows(name),
+            )
+        )
+    return specs
+
+
+def _cast(block: np.ndarray, dtype: np.dtype, first_row: int, views: int, src: Path) -> np.ndarray:
+    """``block`` in ``dtype`` (round to nearest even); narrowing refuses finite values that do not fit."""
+    with np.errstate(over="ignore"):  # overflow is reported below, by row
+        out = block.astype(dtype)
+    if dtype.itemsize < block.dtype.itemsize:
+        overflow = (np.isinf(out) & np.isfinite(block)).reshape(len(block), -1).any(axis=1)
+        if overflow.any():
+            rows = (np.flatnonzero(overflow) + first_row).tolist()
+            shown = ", ".join(map(str, rows[:SHOWN_ROWS])) + (f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else "")
+            where = f"rows {shown}"
+            if views > 1:
+                where += f" (dataset indices {', '.join(str(i) for i in sorted({r // views for r in rows[:SHOWN_ROWS]}))})"
+            limit = float(np.finfo(dtype).max)
+            raise NonFiniteLogitsError(
+                f"{src}: {where} hold logits beyond {dtype.name}'s range (|logit| > {limit:g}), which {dtype.name} cannot store; "
+                f"keep them in {block.dtype.name} (convert without --dtype {dtype.name})"
+            )
+    return out
+
+
+def _block_rows(spec: ArraySpec, source_dtype: np.dtype, chunk: int) -> int:
+    row_bytes = max(spec.row_bytes, source_dtype.itemsize * int(np.prod(spec.row_shape, dtype=np.int64)), 1)
+    return max(chunk, (BLOCK_BYTES // row_bytes) // chunk * chunk)
+
+
+def _convert_shard(
+    reader: CacheReader, position: int, backend: Backend, work: Path, specs: list[ArraySpec], chunk_rows: int, attrs: dict[str, Any]
+) -> ShardEntry:
+    """Copy one shard into ``work`` in the target backend and dtypes; check the source against its checksum."""
+    entry = reader.manifest.shards[position]
+    source = reader.shard(position)
+    expected = {"row": entry.row_stop - entry.row_start, "sample": entry.sample_stop - entry.sample_start}
+    rows = {}
+    for spec in specs:
+        info = reader.manifest.arrays[spec.name]
+        shape = source.shape(spec.name)
+        if source.dtype(spec.name) != np.dtype(info["dtype"]) or shape[1:] != tuple(info["row_shape"]):
+            raise CorruptShardError(
+                f"{source.path}: array {spec.name!r} is {source.dtype(spec.name)} {shape}, the manifest says "
+                f"{info['dtype']} rows of {tuple(info['row_shape'])}; the shard is damaged"
+            )
+        want = expected.get(spec.per)
+        if want is not None and shape[0] != want:
+            raise CorruptShardError(
+                f"{source.path}: array {spec.name!r} has {shape[0]} rows, the manifest says {want}; the shard is truncated"
+            )
+        rows[spec.name] = shape[0]
+    changes_dtype = any(source.dtype(spec.name) != np.dtype(spec.dtype) for spec in specs)
+    name = backend.shard_name(position)
+    writer = backend.create(work / name, specs, chunk_rows, {**attrs, "shard_index": position, "row_start": entry.row_start,
+                                                             "sample_start": entry.sample_start}, rows)
+    source_parts: dict[str, tuple[str, tuple[int, ...], str]] = {}
+    try:
+        for spec in specs:
+            source_dtype = source.dtype(spec.name)
+            target_dtype = np.dtype(spec.dtype)
+            digest = hashlib.sha256() if changes_dtype else None
+            offset = 0
+            for block in source.blocks(spec.name, _block_rows(spec, source_dtype, writer.chunk_rows[spec.name])):
+                if digest is not None:
+                    digest.update(np.ascontiguousarray(block).tobytes())
+                if block.dtype != target_dtype:
+                    block = _cast(block, target_dtype, entry.row_start + offset, reader.manifest.views, reader.path)
+                writer.append({spec.name: block})
+                offset += len(block)
+            if digest is not None:
+                source_parts[spec.name] = (source_dtype.name, source.shape(spec.name), digest.hexdigest())
+    except BaseException:
+        try:
+            writer.close()
+        except Exception:  # the work directory is removed anyway
+            pass
+        raise
+    checksum = writer.close()
+    source_checksum = combine_checksum(source_parts) if changes_dtype else checksum
+    if source_checksum != entry.checksum:
+        raise CorruptShardError(
+            f"{source.path}: its content (checksum {source_checksum}) does not match the manifest's {entry.checksum}; "
+            f"the source cache is damaged: re-dump it rather than convert it"
+        )
+    return ShardEntry(name, entry.row_start, entry.row_stop, entry.sample_start, entry.sample_stop, checksum)
+
+
+def _new_manifest(src: Path, source: Manifest, backend: str, dtype: str, key: str, precision: str,
+                  specs: list[ArraySpec], shards: list[ShardEntry]) -> Manifest:
+    manifest = copy.deepcopy(source)
+    manifest.backend = backend
+    manifest.dtype = dtype
+    manifest.key = key
+    manifest.shards = shards
+    manifest.complete = True
+    manifest.created_at = _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    manifest.tool_version = __version__
+    manifest.arrays = {spec.name: {**source.arrays[spec.name], "dtype": spec.dtype} for spec in specs}
+    info = {name: value for name, value in source.dump.items() if name not in ("converted_from", "value_precision")}
+    info["converted_from"] = {
+        "path": str(src.resolve()),
+        "key": source.key,
+        "backend": source.backend,
+        "dtype": source.dtype,
+        "created_at": source.created_at,
+    }
+    if precision != dtype:
+        info["value_precision"] = precision
+    manifest.dump = info
+    return manifest
+
+
+def _rename_into_place(work: Path, dst: Path) -> None:
+    """``work`` becomes ``dst``; a cache already at ``dst`` (replaced on --overwrite) is moved aside first, deleted last."""
+    if dst.exists():
+        old = dst.with_name(f"{dst.name}.replaced-{os.getpid()}")
+        dst.rename(old)
+        try:
+            work.rename(dst)
+        except BaseException:
+            old.rename(dst)
+            raise
+        remove_path(old)
+    else:
+        work.rename(dst)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    backend: str | None = None,
+    dtype: str | None = None,
+    overwrite: bool = False,
+    quiet: bool = False,
+) -> ConvertResult:
+    """Write the complete cache ``src`` as a new cache at ``dst`` in ``backend`` and/or value ``dtype``
+    (each defaults to the source's; at least one must differ).
+
+    Example::
+
+        convert("caches/digits-top5", "caches/digits-top5-h5", backend="hdf5")
+    """
+    started = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    if backend is not None and backend not in BACKENDS:
+        raise UsageError(f"--format {backend!r} is not one of {', '.join(BACKENDS)}")
+    if dtype is not None and dtype not in VALUE_DTYPES:
+        raise UsageError(f"--dtype {dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
+    try:
+        reader = open_reader(src)
+    except IncompleteCacheError as exc:
+        raise IncompleteCacheError(f"{exc}; only a complete cache can be converted") from exc
+    with reader:
+        source = reader.manifest
+        backend = backend or source.backend
+        dtype = dtype or source.dtype
+        if backend == source.backend and dtype == source.dtype:
+            raise UsageError(
+                f"{src} is already a {backend} cache of {dtype} values: nothing to convert; pass --format "
+                f"{'hdf5' if backend == 'zarr' else 'zarr'} and/or --dtype {'float16' if dtype == 'float32' else 'float32'}"
+            )
+        if source.encoding != "plain":
+            raise CacheFormatError(f"{src}: encoding {source.encoding!r} cannot be converted by this version (only 'plain')")
+        if dtype != source.dtype and not any(name in source.arrays for name in VALUE_ARRAYS):
+            raise UsageError(f"{src}: a {source.mode} cache holds no logit values ({', '.join(VALUE_ARRAYS)}) whose dtype could change")
+        _check_paths(src, dst)
+
+        precision = source_precision(source)
+        if dtype == source.dtype:
+            key = source.key  # same content, same key
+            precision = precision or source.dump.get("value_precision") or source.dtype
+        elif precision is None:
+            raise CacheFormatError(
+                f"{src}: its key {source.key} cannot be recomputed from its manifest (teacher sha256, dataset fingerprint, mode, "
+                f"k, views, seed, dtype), so the converted cache's key could not be trusted; it was written by another version "
+                f"of logit-cache or its manifest was edited: re-dump it with --dtype {dtype}, or convert without --dtype"
+            )
+        else:
+            precision = min(precision, dtype, key=_itemsize)
+            key = _key(source, _key_dtype(dtype, precision))
+
+        work = partial_path(dst)
+        _check_destination(dst, work, overwrite, key, backend)
+        target = get_backend(backend)
+        if not source.shards:
+            raise CacheFormatError(f"{src}: the manifest lists no shards; nothing to convert")
+        specs = _target_specs(source, reader.shard(0), dtype)
+        chunk_rows = int(source.chunk_rows) or max(spec.chunk_rows or 1 for spec in specs)
+        bytes_before = directory_bytes(src)
+
+        if work.exists():
+            remove_path(work)  # only with --overwrite (checked above)
+        work.parent.mkdir(parents=True, exist_ok=True)
+        work.mkdir()
+        log.info("converting %s (%s, %s) into %s (%s, %s); written as %s until complete",
+                 src, source.backend, source.dtype, dst, backend, dtype, work)
+        attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": key}
+        bar = tqdm(total=len(source.shards), unit="shard", desc="convert", disable=True if quiet else None)
+        try:
+            shards = []
+            for position in range(len(source.shards)):
+                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs))
+                reader.shard(position).close()  # one open HDF5 handle at a time
+                bar.update(1)
+            manifest = _new_manifest(src, source, backend, dtype, key, precision, specs, shards)
+            manifest.dump["converted_from"]["seconds"] = round(time.perf_counter() - started, 3)
+            write_manifest(work, manifest)
+            _rename_into_place(work, dst)
+        except BaseException:
+            remove_path(work)
+            raise
+        finally:
+            bar.close()
+    return ConvertResult(src, dst, source, manifest, bytes_before, directory_bytes(dst), time.perf_counter() - started)
