@@ -352,8 +352,9 @@ def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
               help="The training data, as for dump: 'digits' or MODULE:CALLABLE. With --cache it must be the data the cache "
                    "was dumped from (checked by length and fingerprint).")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"train\"}'.")
-@click.option("--cache", "caches", multiple=True, type=click.Path(path_type=Path), metavar="DIR",
-              help="Cached KD: targets from this cache. Repeat for several teachers (averaged in probability space).")
+@click.option("--cache", "caches", multiple=True, metavar="DIR",
+              help="Cached KD: targets from this cache (a directory, or an fsspec URL such as s3://bucket/cache). Repeat for "
+                   "several teachers (averaged in probability space).")
 @click.option("--teacher", metavar="CKPT", help="Online KD (a baseline): run this teacher on every batch; loaded as dump loads it.")
 @click.option("--arch", metavar="MODULE:CALLABLE", help="With --teacher: builds its architecture for a state_dict.")
 @click.option("--arch-kwargs", metavar="JSON", help="With --teacher: keyword arguments for --arch.")
@@ -362,7 +363,7 @@ def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
 @click.option("--eval-dataset", metavar="SPEC", help="Data to evaluate on after each epoch (accuracy), e.g. digits with "
               "--eval-dataset-kwargs '{\"split\": \"test\"}'.")
 @click.option("--eval-dataset-kwargs", metavar="JSON", help="Keyword arguments for --eval-dataset.")
-@click.option("--eval-cache", type=click.Path(path_type=Path), metavar="DIR",
+@click.option("--eval-cache", metavar="DIR",
               help="A cache of the eval data: also report the eval KL(teacher || student) at T=1.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Where the student's state_dict goes; FILE with suffix .json gets how it was trained, .metrics.json the metrics.")
@@ -395,9 +396,9 @@ def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
 @click.option("--metrics", type=click.Path(path_type=Path), metavar="FILE",
               help="JSON metrics file [default: OUT with suffix .metrics.json].")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars and no per-epoch lines; only the summary and errors.")
-def train_command(student: str, student_kwargs: str | None, dataset: str, dataset_kwargs: str | None, caches: tuple[Path, ...],
+def train_command(student: str, student_kwargs: str | None, dataset: str, dataset_kwargs: str | None, caches: tuple[str, ...],
                   teacher: str | None, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool, labels_only: bool,
-                  eval_dataset: str | None, eval_dataset_kwargs: str | None, eval_cache: Path | None, out: Path, epochs: int,
+                  eval_dataset: str | None, eval_dataset_kwargs: str | None, eval_cache: str | None, out: Path, epochs: int,
                   batch_size: int, lr: float, weight_decay: float, optimizer: str, temperature: float | None,
                   kd_loss_weight: float, org_loss_weight: float, tail: str | None, kd_start: float, kd_end: float,
                   teachers_per_step: int | None, verify: str, seed: int, device: str, num_workers: int,
