@@ -22,12 +22,14 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -41,6 +43,7 @@ from .loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
 from .losses import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
 from .manifest import write_json_atomic
 from .reader import LogitCache, open_cache
+from .replay import preserved_rng
 from .spec import resolve_callable
 from .teacher import load_teacher
 
@@ -200,7 +203,11 @@ def train(config: TrainConfig) -> TrainResult:
     device = resolve_device(config.device)
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(config.seed)  # the student's initialisation depends only on the seed
+    # The student's initialisation, and any augmentation the dataset draws from the global generators
+    # (torch, numpy, random), depend only on the seed.
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    random.seed(config.seed)
 
     # -- data: the dataset, and where the soft targets come from ---------------------------------
     data = resolve_dataset(config.dataset, config.dataset_kwargs)
@@ -227,7 +234,9 @@ def train(config: TrainConfig) -> TrainResult:
     # -- model, loss, optimiser -------------------------------------------------------------------
     student = _build_student(config, device)
     if caches:
-        _check_classes(student, caches, split_batch(torch.utils.data.default_collate([data.dataset[0]]), data.has_labels)[0], device)
+        with preserved_rng():  # reading item 0 must not shift the augmentation's random draws
+            first = split_batch(torch.utils.data.default_collate([data.dataset[0]]), data.has_labels)[0]
+        _check_classes(student, caches, first, device)
     temperature = config.temperature or (caches[0].manifest.temperature if caches else DEFAULT_TEMPERATURE)
     if config.source == "labels":
         temperature = None
