@@ -192,3 +192,15 @@ class PrivateRngImages(RandomImages):
 
 def private_rng_images(n: int = 60, seed: int = 0) -> PrivateRngImages:
     return PrivateRngImages(n, seed)
+
+
+def dump_digits(root: Path, teacher: Path, name: str, dataset: str = "digits", dataset_kwargs: dict | None = None,
+                shard_rows: int = 512, **options) -> Path:
+    """Dump the seeded test teacher (``digits_mlp(hidden=32)``) over ``dataset`` into ``root/name``."""
+    import logit_cache
+
+    out = root / name
+    logit_cache.dump(logit_cache.DumpConfig(teacher=str(teacher), arch="logit_cache.models:digits_mlp", arch_kwargs={"hidden": 32},
+                                            dataset=dataset, dataset_kwargs=dataset_kwargs or {}, out=str(out), shard_rows=shard_rows,
+                                            quiet=True, **options))
+    return out

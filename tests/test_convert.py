@@ -21,11 +21,9 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from conftest import ARCH, make_teacher
-from data_factories import read_plain, spec
+from conftest import make_teacher
+from data_factories import dump_digits, read_plain, spec
 
-import logit_cache
-from logit_cache import DumpConfig
 from logit_cache.convert import convert
 from logit_cache.errors import CorruptShardError, IncompleteCacheError, NonFiniteLogitsError, OutputExistsError, UsageError
 from logit_cache.fingerprint import content_key
@@ -35,11 +33,8 @@ from logit_cache.reader import open_cache
 N = 1437
 
 
-def dump(root: Path, teacher: Path, name: str, dataset: str = "digits", dataset_kwargs: dict | None = None, **options) -> Path:
-    out = root / name
-    logit_cache.dump(DumpConfig(teacher=str(teacher), arch=ARCH, arch_kwargs={"hidden": 32}, dataset=dataset,
-                                dataset_kwargs=dataset_kwargs or {}, out=str(out), shard_rows=500, quiet=True, **options))
-    return out
+def dump(root: Path, teacher: Path, name: str, **options) -> Path:
+    return dump_digits(root, teacher, name, shard_rows=500, **options)
 
 
 @pytest.fixture(scope="module")

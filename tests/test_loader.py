@@ -15,12 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import ARCH, make_teacher
-from data_factories import read_plain, spec, unlabeled_images
+from conftest import make_teacher
+from data_factories import dump_digits, read_plain, spec, unlabeled_images
 from torch.utils.data import DataLoader, Dataset
 
-import logit_cache
-from logit_cache import DumpConfig
 from logit_cache.datasets import DigitsDataset
 from logit_cache.errors import DatasetMismatchError, IncompleteCacheError, UsageError
 from logit_cache.loader import CachedDataset, ChunkShuffleSampler, collate
@@ -31,11 +29,8 @@ N, K = 1437, 4
 SMALL_CACHE = 4096  # bytes: a two-slot chunk cache for three chunks, so chunks are evicted and batches read in pieces
 
 
-def dump(root: Path, teacher: Path, name: str, dataset: str = "digits", dataset_kwargs: dict | None = None, **options) -> Path:
-    out = root / name
-    logit_cache.dump(DumpConfig(teacher=str(teacher), arch=ARCH, arch_kwargs={"hidden": 32}, dataset=dataset,
-                                dataset_kwargs=dataset_kwargs or {}, out=str(out), shard_rows=512, quiet=True, **options))
-    return out
+def dump(root: Path, teacher: Path, name: str, **options) -> Path:
+    return dump_digits(root, teacher, name, shard_rows=512, **options)
 
 
 @pytest.fixture(scope="module")
