@@ -7,6 +7,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .catalog import list_caches
+from .convert import convert as convert_cache
 from .dump import DumpConfig, DumpResult, dump
 from .errors import LogitCacheError
 from .loader import CachedDataset, ChunkShuffleSampler
@@ -16,6 +18,7 @@ from .reader import CacheReader, LogitCache, open_cache, open_reader
 from .targets import Targets
 from .teacher import Teacher, load_teacher
 from .train import TrainConfig, TrainResult, train
+from .verify import verify_cache
 
 __all__ = [
     "CacheReader",
@@ -33,11 +36,14 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "convert_cache",
     "dump",
     "kd_loss",
+    "list_caches",
     "load_teacher",
     "open_cache",
     "open_reader",
     "read_manifest",
     "train",
+    "verify_cache",
 ]
