@@ -247,13 +247,14 @@ def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     return device
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
+def to_device(value: Any, device: torch.device) -> Any:
+    """Tensors, and tensors inside dicts, lists and tuples (model inputs), moved to ``device``."""
     if isinstance(value, torch.Tensor):
         return value.to(device, non_blocking=True)
     if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
+        return {key: to_device(item, device) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
+        return type(value)(to_device(item, device) for item in value)
     return value
 
 
@@ -462,7 +463,7 @@ def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
     batch = default_collate([prepared.resolved.dataset[0]])
     inputs, _ = split_batch(batch, prepared.resolved.has_labels)
     with torch.inference_mode(), autocast_for(prepared.device, prepared.config.precision):
-        logits = run_teacher(teacher.module, _to_device(inputs, prepared.device))
+        logits = run_teacher(teacher.module, to_device(inputs, prepared.device))
     if logits.dim() == 3:
         raise TeacherOutputError(
             f"the teacher returned logits of shape {tuple(logits.shape)} ([batch, tokens, vocab]); per-token "
@@ -584,7 +585,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                 if labels is not None and config.views > 1:
                     labels = labels[:: config.views]  # rows are whole samples' views; labels are per sample
                 with autocast_for(device, config.precision):
-                    logits = _call_teacher(teacher.module, _to_device(inputs, device), indices)  # (B, C)
+                    logits = _call_teacher(teacher.module, to_device(inputs, device), indices)  # (B, C)
                 if logits.shape != (len(indices), num_classes):
                     raise TeacherOutputError(
                         f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from . import __version__
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
-from .dump import _to_device, resolve_device, run_teacher
+from .dump import resolve_device, run_teacher, to_device
 from .errors import TargetMismatchError, UsageError
 from .loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
 from .losses import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
@@ -151,7 +151,7 @@ def _build_student(config: TrainConfig, device: torch.device) -> nn.Module:
 def _check_classes(student: nn.Module, caches: list[LogitCache], sample: Any, device: torch.device) -> None:
     """Fail before training if the student's output width is not the caches' class count."""
     with torch.no_grad():
-        width = run_teacher(student, _to_device(sample, device)).shape[-1]
+        width = run_teacher(student, to_device(sample, device)).shape[-1]
     for cache in caches:
         if width != cache.num_classes:
             raise TargetMismatchError(f"the student has {width} outputs but {cache.path} holds targets over {cache.num_classes} classes")
@@ -183,7 +183,7 @@ def evaluate(student: nn.Module, data: ResolvedDataset, device: torch.device, ca
             inputs, labels = head if len(head) == 2 else (head[0], None)
         else:
             inputs, labels = split_batch(batch, data.has_labels)
-        logits = run_teacher(student, _to_device(inputs, device))
+        logits = run_teacher(student, to_device(inputs, device))
         if labels is not None:
             correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
         if cache is not None:
@@ -274,7 +274,7 @@ def train(config: TrainConfig) -> TrainResult:
                 inputs, labels = head if len(head) == 2 else (head[0], None)
             else:
                 inputs, labels = split_batch(batch, data.has_labels)
-            inputs = _to_device(inputs, device)
+            inputs = to_device(inputs, device)
             labels = labels.to(device, non_blocking=True) if labels is not None else None
             if teacher is not None:
                 t0 = time.perf_counter()

@@ -49,7 +49,7 @@ from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
-from .dump import PRECISIONS, autocast_for, resolve_device, run_teacher
+from .dump import PRECISIONS, autocast_for, resolve_device, run_teacher, to_device
 from .errors import CacheFormatError, CacheNotFoundError, CheckpointError, LogitCacheError, UsageError
 from .fingerprint import dataset_fingerprint
 from .manifest import Manifest, ShardEntry, read_manifest
@@ -299,23 +299,13 @@ def _pick(manifest: Manifest, count: int, samples: int, seed: int) -> list[_Pick
     return picks
 
 
-def _to_device(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {key: _to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_device(item, device) for item in value)
-    return value
-
-
 def _teacher_logits(teacher: Teacher, items: Sequence[Any], resolved: ResolvedDataset, device: torch.device,
                     precision: str) -> tuple[np.ndarray, list[int | None]]:
     """The teacher's float32 logits [N, C] for the items, and their labels (None without labels)."""
     batch = default_collate(list(items))
     inputs, labels = split_batch(batch, resolved.has_labels)
     with torch.inference_mode(), autocast_for(device, precision):
-        logits = run_teacher(teacher.module, _to_device(inputs, device))
+        logits = run_teacher(teacher.module, to_device(inputs, device))
     label_list: list[int | None] = [int(x) for x in labels] if labels is not None else [None] * len(items)
     return logits.float().cpu().numpy(), label_list
 
