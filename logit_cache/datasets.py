@@ -16,7 +16,7 @@ from __future__ import annotations
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +26,9 @@ from .errors import DatasetError, SpecError
 from .fingerprint import dataset_fingerprint
 from .replay import FirstViews
 from .spec import resolve_callable
+
+if TYPE_CHECKING:
+    from .manifest import Manifest
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN_SIZE = 1437
@@ -87,12 +90,27 @@ class ResolvedDataset:
         return len(self.dataset)
 
     def fingerprint(self, seed: int | None = None) -> str:
-        """The dataset fingerprint; with a replay ``seed``, over the items as view 0 replays them
-        (a randomly augmenting dataset has no fixed items otherwise)."""
-        return dataset_fingerprint(FirstViews(self.dataset, seed) if seed is not None else self.dataset, self.spec, self.kwargs)
+        return fingerprint_as_dumped(self.dataset, self.spec, self.kwargs, seed)
 
     def manifest_entry(self, fingerprint: str) -> dict[str, Any]:
         return {"spec": self.spec, "kwargs": self.kwargs, "length": len(self.dataset), "fingerprint": fingerprint}
+
+
+def fingerprint_as_dumped(dataset: Any, spec: str, kwargs: Mapping[str, Any], seed: int | None) -> str:
+    """The dataset fingerprint a dump records: with a replay ``seed``, over the items as view 0
+    replays them (a randomly augmenting dataset has no fixed items otherwise).
+
+    What a dump writes and what training and ``verify`` compare it with; the latter pass the spec,
+    kwargs and seed recorded in the manifest (:func:`recorded_fingerprint`).
+    """
+    return dataset_fingerprint(FirstViews(dataset, seed) if seed is not None else dataset, spec, kwargs)
+
+
+def recorded_fingerprint(dataset: Any, manifest: Manifest) -> str:
+    """``dataset``'s fingerprint computed as the dump of ``manifest`` computed it (its spec, kwargs and
+    seed), to compare with ``manifest.dataset["fingerprint"]``."""
+    recorded = manifest.dataset
+    return fingerprint_as_dumped(dataset, str(recorded.get("spec")), dict(recorded.get("kwargs") or {}), manifest.seed)
 
 
 def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> ResolvedDataset:

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, default_collate
 
+from .datasets import recorded_fingerprint
 from .errors import DatasetMismatchError, UsageError
-from .fingerprint import dataset_fingerprint
+from .fingerprint import canonical_json
 from .reader import LogitCache
-from .replay import FirstViews, ViewFn, default_view, replay_items
+from .replay import ViewFn, default_view, replay_items
 from .targets import Targets
 
 VERIFY_CHOICES = ("fingerprint", "length")
@@ -130,7 +131,7 @@ class CachedDataset(torch.utils.data.Dataset):
         self.view_fn: ViewFn = view_fn or default_view
         self.epoch = 0
         length = len(dataset)
-        fingerprints: dict[tuple[str, str], str] = {}
+        fingerprints: dict[str, str] = {}  # by the recorded spec and kwargs: several caches of one dataset hash it once
         for cache in self.caches:
             recorded = cache.manifest.dataset
             if length != cache.num_samples:
@@ -140,11 +141,10 @@ class CachedDataset(torch.utils.data.Dataset):
                     f"pair the cache with the dataset it was dumped from"
                 )
             if verify == "fingerprint":
-                spec, kwargs = str(recorded.get("spec")), dict(recorded.get("kwargs") or {})
-                token = (spec, repr(sorted(kwargs.items())))
+                spec, kwargs = recorded.get("spec"), recorded.get("kwargs") or {}
+                token = canonical_json([spec, kwargs])
                 if token not in fingerprints:
-                    seen = FirstViews(dataset, self.seed) if self.seed is not None else dataset
-                    fingerprints[token] = dataset_fingerprint(seen, spec, kwargs)
+                    fingerprints[token] = recorded_fingerprint(dataset, cache.manifest)
                 if fingerprints[token] != recorded.get("fingerprint"):
                     raise DatasetMismatchError(
                         f"{cache.path}: the dataset's content differs from what the cache was dumped from "

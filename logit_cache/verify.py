@@ -48,12 +48,11 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
-from .datasets import ResolvedDataset, resolve_dataset, split_batch
+from .datasets import ResolvedDataset, recorded_fingerprint, resolve_dataset, split_batch
 from .dump import PRECISIONS, autocast_for, resolve_device, run_teacher, to_device
 from .errors import CacheFormatError, CacheNotFoundError, CheckpointError, LogitCacheError, UsageError
-from .fingerprint import dataset_fingerprint
 from .manifest import Manifest, ShardEntry, read_manifest
-from .replay import FirstViews, replay_items
+from .replay import replay_items
 from .store import ShardReader, get_backend
 from .teacher import Teacher, load_teacher
 from .writer import partial_path
@@ -344,23 +343,21 @@ def _check_dataset(report: VerifyReport, manifest: Manifest, resolved: ResolvedD
                    f"the cache is aligned to its dataset by index, so this is not the cache's dataset")
     else:
         report.add("dataset_length", "dataset", True, f"{length} items, as the manifest records")
-    recorded_fingerprint = manifest.dataset.get("fingerprint")
-    if recorded_fingerprint:
+    recorded = manifest.dataset.get("fingerprint")
+    if recorded:
         # As the loader checks it: over the recorded spec and kwargs, so a spec written another way
         # (a relative path) does not count; what differs is the length or the sampled items.
-        spec, kwargs = str(manifest.dataset.get("spec")), dict(manifest.dataset.get("kwargs") or {})
-        seen = FirstViews(resolved.dataset, manifest.seed) if manifest.seed is not None else resolved.dataset
         try:
-            now = dataset_fingerprint(seen, spec, kwargs)
+            now = recorded_fingerprint(resolved.dataset, manifest)
         except LogitCacheError as exc:
             report.add("dataset_fingerprint", "dataset", True, f"fingerprint not computed ({exc})", notice=True)
         else:
-            if now == recorded_fingerprint:
+            if now == recorded:
                 report.add("dataset_fingerprint", "dataset", True, "fingerprint matches the manifest")
             else:
                 report.add("dataset_fingerprint", "dataset", False,
                            f"content differs from what the cache was dumped from (fingerprint {now[:12]} here, "
-                           f"{str(recorded_fingerprint)[:12]} in the manifest): training would refuse this pairing")
+                           f"{str(recorded)[:12]} in the manifest): training would refuse this pairing")
     return min(length, manifest.num_samples)
 
 
