@@ -36,6 +36,7 @@ from typing import Any
 
 from .errors import CacheBusyError, CacheFormatError
 from .manifest import MANIFEST_NAME, Manifest, read_manifest
+from .writer import PARTIAL_SUFFIX
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ ROOT_ENV = "LOGIT_CACHE_ROOT"
 STALE_SECONDS = 300.0
 HEARTBEAT_SECONDS = 10.0
 POLL_SECONDS = 0.5
-PARTIAL_SUFFIX = ".partial"
 
 
 def _slug(text: str, limit: int = 48) -> str:
@@ -211,8 +211,16 @@ class CacheEntry:
         return record
 
 
-def _bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+def directory_bytes(path: Path) -> int:
+    """Bytes of every file under ``path`` (what the cache costs on disk, before block rounding)."""
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _finished(path: Path) -> Path:
+    """The cache directory an unfinished dump (``NAME.partial``) becomes; a cache directory itself."""
+    return path.with_name(path.name.removesuffix(PARTIAL_SUFFIX))
 
 
 def list_caches(root: Path) -> list[CacheEntry]:
@@ -221,7 +229,6 @@ def list_caches(root: Path) -> list[CacheEntry]:
         raise CacheFormatError(f"cache root {root} does not exist (set --cache-root or {ROOT_ENV})")
     entries = []
     for path in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        finished_name = path.with_name(path.name[: -len(PARTIAL_SUFFIX)]) if path.name.endswith(PARTIAL_SUFFIX) else path
         if not (path / MANIFEST_NAME).is_file() and not path.name.endswith(PARTIAL_SUFFIX):
             continue  # not ours
         try:
@@ -230,8 +237,9 @@ def list_caches(root: Path) -> list[CacheEntry]:
         except CacheFormatError as exc:
             manifest, error = None, str(exc)
         complete = bool(manifest and manifest.complete and not path.name.endswith(PARTIAL_SUFFIX))
-        locked = lock_path(finished_name).exists() and not lock_is_stale(lock_path(finished_name))
-        entries.append(CacheEntry(path, manifest, complete, _bytes(path), locked, error))
+        lock = lock_path(_finished(path))
+        locked = lock.exists() and not lock_is_stale(lock)
+        entries.append(CacheEntry(path, manifest, complete, directory_bytes(path), locked, error))
     return entries
 
 
@@ -255,8 +263,7 @@ def remove_cache(path: Path) -> None:
     """Delete one cache or unfinished dump directory (only one that holds a manifest or is ``.partial``)."""
     if not path.is_dir() or not ((path / MANIFEST_NAME).is_file() or path.name.endswith(PARTIAL_SUFFIX)):
         raise CacheFormatError(f"{path} is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it")
-    finished = path.with_name(path.name[: -len(PARTIAL_SUFFIX)]) if path.name.endswith(PARTIAL_SUFFIX) else path
-    lock = lock_path(finished)
+    lock = lock_path(_finished(path))
     if lock.exists() and not lock_is_stale(lock):
         raise CacheBusyError(f"{path} is being written by {_describe(_read_lock(lock))}; not deleting it")
     shutil.rmtree(path)

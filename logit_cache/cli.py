@@ -12,8 +12,8 @@ from typing import Any
 import click
 
 from . import __version__
-from .catalog import ROOT_ENV, gc_candidates, list_caches, remove_cache
-from .dump import DumpConfig, DumpResult, directory_bytes, dump
+from .catalog import ROOT_ENV, directory_bytes, gc_candidates, list_caches, remove_cache
+from .dump import DumpConfig, DumpResult, dump
 from .errors import LogitCacheError, UsageError
 from .manifest import Manifest, read_manifest
 from .spec import parse_json_kwargs

@@ -46,7 +46,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .dump import array_specs, directory_bytes
+from .catalog import directory_bytes
+from .dump import array_specs
 from .errors import (
     CacheFormatError,
     CorruptShardError,

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from . import __version__
-from .catalog import ROOT_ENV, cache_dir_name, find_by_key, readable_name, writer_lock
+from .catalog import ROOT_ENV, cache_dir_name, directory_bytes, find_by_key, readable_name, writer_lock
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
 from .errors import (
     CheckpointNotFoundError,
@@ -308,13 +308,6 @@ def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractCon
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def directory_bytes(path: Path) -> int:
-    """Bytes of every file under ``path`` (what the cache costs on disk, before block rounding)."""
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 def _pow2_at_least(count: int) -> int:
