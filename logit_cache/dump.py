@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,8 +147,19 @@ class DumpConfig:
             raise UsageError("--resume and --overwrite are exclusive: resume keeps finished shards, overwrite discards them")
         if self.views < 1:
             raise UsageError(f"--views must be >= 1, got {self.views}")
-        if self.views > 1 and self.seed is None:
-            self.seed = 0  # several views need seeded replay; 0 is the documented default
+
+    def resolved(self) -> DumpConfig:
+        """Validated, with the defaults that depend on other options filled in (a copy: the caller's
+        config is left as given, so it can be reused for another dump)."""
+        self.validate()
+        return replace(
+            self,
+            # several views need seeded replay; 0 is the documented default
+            seed=0 if self.views > 1 and self.seed is None else self.seed,
+            # Under a root the key is the name: an existing cache of this key is this very content, so
+            # reuse it, and resume an unfinished dump of it (a killed writer's work) instead of refusing.
+            resume=self.resume or (self.cache_root is not None and not self.overwrite),
+        )
 
 
 @dataclass
@@ -418,7 +429,7 @@ class _Prepared:
 
 
 def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest | None]:
-    config.validate()
+    config = config.resolved()
     device = resolve_device(config.device, dist_info.local_rank)
     out = Path(config.out) if config.out is not None else Path()  # under a root: named once the key is known
     teacher_path = Path(config.teacher)
@@ -444,9 +455,6 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
         root = Path(config.cache_root)
         readable = readable_name(config.dataset, config.dataset_kwargs, config.mode, config.k, config.dtype, config.views, config.backend)
         out = find_by_key(root, key, config.backend) or root / cache_dir_name(readable, key)
-        # Under a root the key is the name: an existing cache of this key is this very content, so
-        # reuse it, and resume an unfinished dump of it (a killed writer's work) instead of refusing.
-        config.resume = not config.overwrite
     done = check_output(out, key, config.backend, config.resume, config.overwrite)
     return _Prepared(config, out, partial_path(out), device, resolved, teacher_sha256, fingerprint, key), done
 
@@ -620,6 +628,7 @@ def dump(config: DumpConfig) -> DumpResult:
     dist_info = _init_distributed(device_kind)
     try:
         prepared, done = _phase(dist_info, _prepare, config, dist_info)
+        config = prepared.config  # with its resolved defaults
         if prepared.device.type == "cuda":
             # NCCL, events and the caching allocator follow the current device, not the tensors'.
             torch.cuda.set_device(prepared.device)

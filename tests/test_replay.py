@@ -158,3 +158,11 @@ def test_the_trainer_replays_views(views_cache: Path, tmp_path: Path) -> None:
     a, b = torch.load(alone.out, weights_only=True), torch.load(workers.out, weights_only=True)
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_dump_leaves_the_callers_config_as_given(tmp_path: Path, teacher: Path) -> None:
+    config = DumpConfig(teacher=str(teacher), arch=ARCH, arch_kwargs=json.loads(ARCH_KWARGS), dataset=spec("three_rng_images"),
+                        cache_root=str(tmp_path), mode="topk", k=3, views=2, quiet=True)
+    result = dump(config)
+    assert result.manifest.seed == 0  # the default seed of several views...
+    assert config.seed is None and config.resume is False  # ...resolved on a copy: the config can be reused as given
