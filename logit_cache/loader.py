@@ -187,9 +187,6 @@ class CachedDataset(torch.utils.data.Dataset):
         getitems = getattr(self.dataset, "__getitems__", None)
         return list(getitems(samples.tolist())) if callable(getitems) else [self.dataset[int(i)] for i in samples]
 
-    def _target(self, targets: list[Targets]) -> Targets | list[Targets]:
-        return targets[0] if len(self.caches) == 1 else targets
-
     def __getitem__(self, index: Any) -> tuple:
         """One item (slow path: prefer a DataLoader with a batch size, which calls :meth:`__getitems__`)."""
         samples, views = self._views_of([index])

@@ -154,6 +154,7 @@ class LogitCache(CacheReader):
         self.in_memory = self.nbytes <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
         self.chunk_cache_bytes = int(chunk_cache_bytes)
         self._memory: dict[str, np.ndarray] | None = None
+        self._wrappers: list[weakref.ref] = []  # datasets wrapped with this cache (for set_epoch forwarding)
         self.chunk_starts = self._chunk_table()
         self._reset_slab()
 
@@ -232,11 +233,10 @@ class LogitCache(CacheReader):
     # and a shuffled batch touches up to one chunk per row.
 
     def _reset_slab(self) -> None:
-        chunks = len(self.chunk_starts) - 1
         chunk_bytes = max(1, self.chunk_rows * self.row_bytes)
-        self.slots = max(2, min(chunks, self.chunk_cache_bytes // chunk_bytes))
+        self.slots = max(2, min(self.num_chunks, self.chunk_cache_bytes // chunk_bytes))
         self._slab: dict[str, np.ndarray] | None = None
-        self._slot_of_chunk = np.full(chunks, -1, dtype=np.int64)
+        self._slot_of_chunk = np.full(self.num_chunks, -1, dtype=np.int64)
         self._chunk_in_slot = np.full(self.slots, -1, dtype=np.int64)
         self._last_used = np.zeros(self.slots, dtype=np.int64)
         self._clock = 0
@@ -317,10 +317,10 @@ class LogitCache(CacheReader):
 
     def register(self, wrapper: Any) -> None:
         """Remember a dataset wrapped with this cache, so the cache's sampler can forward ``set_epoch``."""
-        self._wrappers = [ref for ref in getattr(self, "_wrappers", []) if ref() is not None] + [weakref.ref(wrapper)]
+        self._wrappers = [ref for ref in self._wrappers if ref() is not None] + [weakref.ref(wrapper)]
 
     def wrappers(self) -> list[Any]:
-        return [w for w in (ref() for ref in getattr(self, "_wrappers", [])) if w is not None]
+        return [w for w in (ref() for ref in self._wrappers) if w is not None]
 
     # -- training helpers (loader.py) -----------------------------------------------------------
 
