@@ -265,7 +265,9 @@ def train(config: TrainConfig) -> TrainResult:
         sampler.set_epoch(epoch)
         student.train()
         started = time.perf_counter()
-        epoch_teacher = loss_sum = 0.0
+        epoch_teacher = 0.0
+        # summed on the device, in float64: reading a GPU loss back every step would stall the GPU
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
         for batch in bar:
@@ -294,15 +296,17 @@ def train(config: TrainConfig) -> TrainResult:
             optimizer.step()
             schedule.step()
             step += 1
-            loss_sum += float(loss.detach()) * len(logits)
+            loss_sum += loss.detach().double() * len(logits)
             seen += len(logits)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", refresh=False)
+            if show:  # the running loss on the bar costs a device sync: only when a bar is shown
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         train_seconds += seconds
         teacher_seconds += epoch_teacher
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "seconds": seconds, "teacher_seconds": epoch_teacher}
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "seconds": seconds,
+                                  "teacher_seconds": epoch_teacher}
         if eval_data is not None:
             record.update(evaluate(student, eval_data, device, eval_cache))
         history.append(record)
