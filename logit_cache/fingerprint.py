@@ -101,6 +101,14 @@ def sample_indices(length: int, count: int = DATASET_SAMPLE_ITEMS) -> list[int]:
     return sorted({round(i * (length - 1) / (count - 1)) for i in range(count)})
 
 
+def item_digest(value: Any, where: str = "item") -> str:
+    """SHA-256 of one item's content with type tags: equal digests mean bitwise-equal items of equal
+    types (NaN-safe), as the dataset fingerprint sees them."""
+    digest = hashlib.sha256()
+    _update(digest, value, where)
+    return digest.hexdigest()
+
+
 def dataset_fingerprint(dataset: Any, spec: str, kwargs: Mapping[str, Any]) -> str:
     """Fingerprint a map-style dataset by spec, kwargs, length and a fixed sample of its items."""
     length = len(dataset)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DatasetError
+from .fingerprint import item_digest
 
 #: How many items the dump produces twice to check that they replay.
 CHECK_ITEMS = 4
@@ -103,29 +104,14 @@ class FirstViews(torch.utils.data.Dataset):
         return replay_items(self.dataset, [index], [0], self.seed)[0]
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Bitwise equality of two items (tensors, arrays, numbers, and containers of them)."""
-    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-        as_bytes = [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8) for t in (a, b)]  # NaN-safe, any dtype
-        return a.dtype == b.dtype and a.shape == b.shape and torch.equal(*as_bytes)
-    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-        return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
-    return type(a) is type(b) and a == b
-
-
 def check_replayable(dataset: Any, views: int, seed: int, spec: str) -> None:
     """Produce a few (sample, view) items twice; refuse the dataset if any differs, naming it."""
     length = len(dataset)
     picks = sorted({0, length - 1, length // 2, length // 3})[:CHECK_ITEMS]
     for index in picks:
         for view in sorted({0, views - 1}):
-            first = replay_items(dataset, [index], [view], seed)[0]
-            again = replay_items(dataset, [index], [view], seed)[0]
-            if not _same(first, again):
+            first, again = (item_digest(replay_items(dataset, [index], [view], seed)[0], f"dataset item {index}") for _ in range(2))
+            if first != again:
                 raise DatasetError(
                     f"--dataset {spec!r}: item {index} (view {view}) differs when produced twice with the same seeds, so "
                     f"its views cannot be replayed in training. Its randomness must come from torch's, numpy's "
