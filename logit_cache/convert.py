@@ -36,7 +36,6 @@ import copy
 import datetime as _dt
 import hashlib
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +59,7 @@ from .fingerprint import content_key
 from .manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
 from .reader import CacheReader, open_reader
 from .store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
-from .writer import partial_path, remove_path
+from .writer import move_into_place, partial_path, remove_path
 
 log = logging.getLogger(__name__)
 
@@ -288,21 +287,6 @@ def _new_manifest(src: Path, source: Manifest, backend: str, dtype: str, key: st
     return manifest
 
 
-def _rename_into_place(work: Path, dst: Path) -> None:
-    """``work`` becomes ``dst``; a cache already at ``dst`` (replaced on --overwrite) is moved aside first, deleted last."""
-    if dst.exists():
-        old = dst.with_name(f"{dst.name}.replaced-{os.getpid()}")
-        dst.rename(old)
-        try:
-            work.rename(dst)
-        except BaseException:
-            old.rename(dst)
-            raise
-        remove_path(old)
-    else:
-        work.rename(dst)
-
-
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -383,7 +367,7 @@ def convert(
             manifest = _new_manifest(src, source, backend, dtype, key, precision, specs, shards)
             manifest.dump["converted_from"]["seconds"] = round(time.perf_counter() - started, 3)
             write_manifest(work, manifest)
-            _rename_into_place(work, dst)
+            move_into_place(work, dst)
         except BaseException:
             remove_path(work)
             raise

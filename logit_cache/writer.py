@@ -213,14 +213,24 @@ def finalize(work: Path, out: Path, manifest: Manifest, plans: list[ShardPlan], 
     manifest.complete = True
     write_manifest(work, manifest)
     remove_path(work / PROGRESS_DIR)
-    if out.exists():
-        old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
-        out.rename(old)
-        work.rename(out)
-        remove_path(old)
-    else:
-        work.rename(out)
+    move_into_place(work, out)
     return manifest
+
+
+def move_into_place(work: Path, out: Path) -> None:
+    """Rename the finished ``work`` directory to ``out``. A cache already at ``out`` (replaced on
+    --overwrite) is moved aside first, put back if the rename fails, and deleted last."""
+    if not out.exists():
+        work.rename(out)
+        return
+    old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+    out.rename(old)
+    try:
+        work.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    remove_path(old)
 
 
 _STOP = object()

@@ -276,7 +276,7 @@ def test_killed_conversion_leaves_only_the_partial(cli, caches, tmp_path):
     script = textwrap.dedent(f"""
         import os, signal
         import logit_cache.convert as convert
-        convert._rename_into_place = lambda work, dst: os.kill(os.getpid(), signal.SIGKILL)
+        convert.move_into_place = lambda work, dst: os.kill(os.getpid(), signal.SIGKILL)
         convert.convert({str(src)!r}, {str(out)!r}, backend="hdf5", quiet=True)
     """)
     process = subprocess.run([sys.executable, "-c", script], capture_output=True, env={**os.environ, "PYTHONPATH": ""}, timeout=120)
