@@ -137,10 +137,6 @@ def count_decodes(cache: LogitCache) -> list[int]:
     return counter
 
 
-def chunk_count(cache: LogitCache) -> int:
-    return len(cache.chunk_starts) - 1
-
-
 def _progress(what: str, record: dict[str, Any], extra: str = "") -> None:
     print(f"  {what}: {record['wall_s']:.3f} s wall, {record['cpu_s']:.2f} s CPU, load {record['load_before']:.1f}{extra}",
           file=sys.stderr, flush=True)
@@ -352,7 +348,7 @@ def reader_cases(paths: dict[tuple[str, str], Path], ds: SyntheticDataset, args:
             with timed(record):
                 for batch in batches:
                     rows += len(next(iter(cache.rows(batch).values())))
-            info = {"rows": rows, "decodes": decodes[0] / len(cache.names), "chunks": chunk_count(cache), "slots": cache.slots}
+            info = {"rows": rows, "decodes": decodes[0] / len(cache.names), "chunks": cache.num_chunks, "slots": cache.slots}
             cache.close()
             return info
         return run
