@@ -184,8 +184,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def _items(self, samples: np.ndarray, views: np.ndarray) -> list[Any]:
         if self.seed is not None:
             return replay_items(self.dataset, samples, views, self.seed)
+        indices = samples.tolist()  # plain ints, converted once
         getitems = getattr(self.dataset, "__getitems__", None)
-        return list(getitems(samples.tolist())) if callable(getitems) else [self.dataset[int(i)] for i in samples]
+        return list(getitems(indices)) if callable(getitems) else [self.dataset[i] for i in indices]
 
     def __getitem__(self, index: Any) -> tuple:
         """One item (slow path: prefer a DataLoader with a batch size, which calls :meth:`__getitems__`)."""
