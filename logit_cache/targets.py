@@ -10,6 +10,13 @@ Modes and the arrays they produce (names are the cache format's, DESIGN.md secti
   else int32; sent as int32 and narrowed on the host) and ``logsumexp`` [B] float32 over all C
   raw logits, which gives the exact probability mass of the top-k at T=1:
   ``sum(exp(topk_logits - logsumexp))``.
+* ``sampled`` (random-sampling KD, Anshumann et al., ACL 2025): M ids drawn per row, with
+  replacement, from ``softmax(logits / Ts)``; stored as the row's unique ids ascending,
+  ``sampled_indices`` [B, M], with their counts ``sampled_counts`` [B, M] (uint8 when M <= 255,
+  else uint16), left-aligned, the rest padded with id 0 and count 0 (so counts sum to M). At
+  ``Ts = 1``, ``counts / M`` is an unbiased estimate of the teacher's probabilities. At ``Ts != 1``
+  the raw logits of the drawn ids are stored too (``sampled_logits`` [B, M]) so that a loss can
+  apply the importance weights ``p_T(x) / q_Ts(x)``; ``logsumexp`` [B] is stored in both cases.
 
 Raw logits are stored, not probabilities: the temperature is applied when reading.
 :class:`Targets` is a batch of them as the loader delivers it, and :func:`topk_log_probs` turns
@@ -32,7 +39,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 import torch
 
-MODES = ("full", "topk")
+MODES = ("full", "topk", "sampled")
 #: Largest class count whose ids fit uint16 (ids 0..65535).
 UINT16_CLASSES = 1 << 16
 
@@ -40,6 +47,11 @@ UINT16_CLASSES = 1 << 16
 def index_dtype(num_classes: int) -> np.dtype:
     """Storage dtype of class/token ids: uint16 when they fit, else int32 (never int16: it wraps)."""
     return np.dtype(np.uint16) if num_classes <= UINT16_CLASSES else np.dtype(np.int32)
+
+
+def count_dtype(m: int) -> np.dtype:
+    """Storage dtype of sampled counts: a count is at most M."""
+    return np.dtype(np.uint8) if m <= 255 else np.dtype(np.uint16)
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -62,8 +74,12 @@ class EncodedBatch:
     topk_mass: torch.Tensor
 
 
-def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str) -> EncodedBatch:
-    """Encode logits [B, C] for storage. Nothing here synchronises with the device."""
+def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str, *, m: int | None = None,
+           sample_temperature: float = 1.0, generator: torch.Generator | None = None) -> EncodedBatch:
+    """Encode logits [B, C] for storage. Nothing here synchronises with the device.
+
+    ``m``, ``sample_temperature`` and ``generator`` are for ``sampled`` mode (see the module docstring).
+    """
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [batch, classes], got {tuple(logits.shape)}")
     raw = logits.float()  # (B, C): logsumexp and top-k selection in float32 whatever the autocast dtype
@@ -90,7 +106,42 @@ def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str) -> Encode
         mass = torch.exp(top_values - lse[:, None]).sum(dim=1).sum()
         arrays = {"topk_logits": values, "topk_indices": top_ids.to(torch.int32), "logsumexp": lse}
         return EncodedBatch(arrays, nonfinite, overflow, mass)
+    if mode == "sampled":
+        if m is None or m < 1:
+            raise ValueError(f"m must be >= 1, got {m}")
+        lse = torch.logsumexp(raw, dim=1)  # (B,)
+        ids, counts = sample_unique(raw, m, sample_temperature, generator, finite=~nonfinite)
+        arrays = {"sampled_indices": ids.to(torch.int32), "sampled_counts": counts, "logsumexp": lse}
+        overflow = torch.zeros_like(nonfinite)
+        if sample_temperature != 1.0:
+            drawn = raw.gather(1, ids.long()).masked_fill(counts == 0, 0.0)  # (B, M), pads 0
+            arrays["sampled_logits"] = drawn.to(store_dtype)
+            overflow = overflows(extremes)  # a drawn logit lies within the row's extremes
+        # the sampled estimate's mass of distinct ids at T=1 (what `dump` reports as coverage)
+        probs = torch.exp(raw.gather(1, ids.long()) - lse[:, None]).masked_fill(counts == 0, 0.0)
+        return EncodedBatch(arrays, nonfinite, overflow, probs.sum())
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+
+
+def sample_unique(raw: torch.Tensor, m: int, sample_temperature: float, generator: torch.Generator | None,
+                  finite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw ``m`` ids per row from ``softmax(raw / Ts)`` with replacement; return the unique ids
+    (ascending, left-aligned, 0-padded) and their counts, both (B, M).
+
+    Rows flagged not ``finite`` draw from a uniform stand-in (they are reported and never stored).
+    """
+    scaled = raw / sample_temperature if sample_temperature != 1.0 else raw
+    if finite is not None:
+        scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))
+    probs = torch.softmax(scaled, dim=1)  # (B, C)
+    draws = torch.multinomial(probs, m, replacement=True, generator=generator)  # (B, M)
+    ordered = draws.sort(dim=1).values
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[:, 1:] = ordered[:, 1:] != ordered[:, :-1]  # where a run of equal ids begins
+    slot = first.cumsum(dim=1) - 1  # (B, M): the unique id's left-aligned position
+    ids = torch.zeros_like(ordered).scatter_(1, slot, ordered)  # every draw of a run writes the same id
+    counts = torch.zeros_like(ordered).scatter_add_(1, slot, torch.ones_like(ordered))
+    return ids, counts.to(torch.uint8 if m <= 255 else torch.int32)
 
 
 def topk_mass(topk_logits: torch.Tensor, logsumexp: torch.Tensor) -> torch.Tensor:
@@ -108,9 +159,16 @@ class Targets:
     """A batch of cached teacher targets, as :meth:`LogitCache.collate` delivers them.
 
     Full mode fills ``logits`` (B, C). Top-k mode fills ``values`` (B, K) raw logits, descending,
-    ``indices`` (B, K) class ids and ``logsumexp`` (B,) over all C raw logits. On the host they
-    keep the storage dtypes (float16 stays float16 in transit); :meth:`to` moves them and widens
-    values to float32 and ids to int64, which is what the losses do on their own device.
+    ``indices`` (B, K) class ids and ``logsumexp`` (B,) over all C raw logits. Sampled mode fills
+    ``indices`` (B, M) unique drawn ids, ``counts`` (B, M) their counts (0 pads), ``logsumexp``
+    (B,), ``sample_temperature`` (Ts) and, when Ts != 1, ``values`` (B, M) the drawn ids' raw logits.
+
+    Per-token (language-model) batches are flat: the rows of every token of the batch's sequences,
+    sequence after sequence, with ``lengths`` (S,) the row count of each sequence.
+
+    On the host they keep the storage dtypes (float16 stays float16 in transit); :meth:`to` moves
+    them and widens values and counts to float32 and ids to int64, which is what the losses do on
+    their own device.
     """
 
     mode: str
@@ -119,27 +177,39 @@ class Targets:
     values: torch.Tensor | None = None
     indices: torch.Tensor | None = None
     logsumexp: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    sample_temperature: float = 1.0
 
     def __len__(self) -> int:
-        return len(self.logits if self.mode == "full" else self.values)
+        return len(self._rows_tensor())
+
+    def _rows_tensor(self) -> torch.Tensor:
+        return {"full": self.logits, "topk": self.values}.get(self.mode, self.indices)
 
     @property
     def k(self) -> int | None:
-        return None if self.values is None else int(self.values.shape[-1])
+        return None if self.mode != "topk" or self.values is None else int(self.values.shape[-1])
+
+    @property
+    def m(self) -> int | None:
+        """Draws per row of sampled targets (the counts of a row sum to it)."""
+        return None if self.counts is None else int(self.counts[:1].sum()) if len(self.counts) else None
 
     @property
     def device(self) -> torch.device:
-        return (self.logits if self.mode == "full" else self.values).device
+        return self._rows_tensor().device
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
-        """On ``device``, values as float32 and ids as int64 (converted after the copy: fewer bytes move)."""
+        """On ``device``, values and counts as float32, ids and lengths as int64 (converted after
+        the copy: fewer bytes move)."""
         device = torch.device(device)
         moved = {}
         for name, tensor in self._tensors().items():
-            wide = torch.int64 if name == "indices" else torch.float32
+            wide = torch.int64 if name in ("indices", "lengths") else torch.float32
             # copy first, widen there (fewer bytes cross to a GPU); on the same device it is one conversion
             moved[name] = tensor.to(device, non_blocking=non_blocking).to(wide) if tensor.device != device else tensor.to(wide)
         return replace(self, **moved)
@@ -149,10 +219,12 @@ class Targets:
         return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
 
     @classmethod
-    def from_arrays(cls, mode: str, num_classes: int, arrays: Mapping[str, np.ndarray]) -> Targets:
+    def from_arrays(cls, mode: str, num_classes: int, arrays: Mapping[str, np.ndarray],
+                    sample_temperature: float = 1.0, lengths: np.ndarray | None = None) -> Targets:
         """From the cache's logical arrays (numpy, storage dtypes), without copying."""
+        extra = {"lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64))} if lengths is not None else {}
         if mode == "full":
-            return cls(mode, num_classes, logits=torch.from_numpy(arrays["logits"]))
+            return cls(mode, num_classes, logits=torch.from_numpy(arrays["logits"]), **extra)
         if mode == "topk":
             return cls(
                 mode,
@@ -160,12 +232,31 @@ class Targets:
                 values=torch.from_numpy(arrays["topk_logits"]),
                 indices=torch.from_numpy(arrays["topk_indices"]),
                 logsumexp=torch.from_numpy(arrays["logsumexp"]),
+                **extra,
+            )
+        if mode == "sampled":
+            drawn = arrays.get("sampled_logits")
+            return cls(
+                mode,
+                num_classes,
+                values=None if drawn is None else torch.from_numpy(drawn),
+                indices=torch.from_numpy(arrays["sampled_indices"]),
+                counts=torch.from_numpy(arrays["sampled_counts"]),
+                logsumexp=torch.from_numpy(arrays["logsumexp"]),
+                sample_temperature=float(sample_temperature),
+                **extra,
             )
         raise ValueError(f"no batch form for mode {mode!r}")
 
 
 #: The logical arrays a loader reads for each mode (the cache's other arrays are not targets).
-TARGET_ARRAYS = {"full": ("logits",), "topk": ("topk_logits", "topk_indices", "logsumexp")}
+TARGET_ARRAYS = {
+    "full": ("logits",),
+    "topk": ("topk_logits", "topk_indices", "logsumexp"),
+    "sampled": ("sampled_indices", "sampled_counts", "logsumexp"),
+}
+#: Target arrays a mode holds only sometimes (``sampled_logits``: when Ts != 1).
+OPTIONAL_TARGET_ARRAYS = {"sampled": ("sampled_logits",)}
 
 
 def _logsumexp_sorted(x: torch.Tensor) -> torch.Tensor:
