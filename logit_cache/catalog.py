@@ -56,7 +56,8 @@ def readable_name(dataset_spec: str, dataset_kwargs: dict[str, Any], mode: str, 
     """What a cache holds, for humans: ``digits-split=train--top5-float16-zarr`` (the key follows)."""
     data = Path(dataset_spec.split(":")[-1]).name if ":" in dataset_spec else dataset_spec
     args = ",".join(f"{key}={value}" for key, value in sorted(dataset_kwargs.items()))
-    content = (f"top{k}" if mode == "topk" else mode) + f"-{dtype}" + (f"-v{views}" if views > 1 else "")
+    what = f"top{k}" if mode == "topk" else f"sample{k}" if mode == "sampled" else mode
+    content = what + f"-{dtype}" + (f"-v{views}" if views > 1 else "")
     return f"{_slug(data + ('-' + args if args else ''))}--{content}-{backend}"
 
 

@@ -62,15 +62,18 @@ def main() -> None:
 @main.command("dump")
 @click.option("--teacher", "teacher", required=True, metavar="CKPT",
               help="Teacher checkpoint: a state_dict (plain, {'model': ...}, Lightning, Composer; needs --arch), "
-                   "a TorchScript archive, a torch.export .pt2 archive, or a pickled nn.Module (needs --trust-checkpoint).")
+                   "a TorchScript archive, a torch.export .pt2 archive, a pickled nn.Module (needs --trust-checkpoint), "
+                   "or hf:DIR, a local Hugging Face causal-LM directory (save_pretrained; needs the 'hf' extra).")
 @click.option("--arch", metavar="MODULE:CALLABLE",
               help="Builds the teacher's architecture for a state_dict, e.g. torchvision.models:resnet18 or models.py:make_net.")
 @click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object, e.g. '{\"num_classes\": 10}'.")
 @click.option("--trust-checkpoint", is_flag=True,
               help="Allow unpickling a whole nn.Module. Unpickling runs arbitrary code from the file: only for files you trust.")
 @click.option("--dataset", required=True, metavar="SPEC",
-              help="'digits' (built in, scikit-learn's handwritten digits) or MODULE:CALLABLE returning a map-style "
-                   "Dataset whose items are (input, label) or input.")
+              help="'digits' (built in, scikit-learn's handwritten digits), 'text' (built in, byte-level windows of Python's "
+                   "pydoc texts), tokens:PATH.npy (a flat token-id array cut into windows: --dataset-kwargs "
+                   "'{\"seq_len\": 128, \"stride\": 128}'), or MODULE:CALLABLE returning a map-style Dataset whose items "
+                   "are (input, label) or input; for language models, token ids, (ids, labels) or {input_ids, attention_mask}.")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"test\"}'.")
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Cache directory to create. Written as DIR.partial and renamed to DIR once complete.")
@@ -80,7 +83,16 @@ def main() -> None:
 @click.option("--no-wait", is_flag=True,
               help="If another dump is writing this cache, fail at once instead of waiting for it (and then reusing it).")
 @click.option("--topk", type=int, metavar="K", help="Store the K largest logits per row, their ids and the logsumexp of all logits.")
-@click.option("--full", is_flag=True, help="Store every logit (C values per row).")
+@click.option("--sample", "sample", type=int, metavar="M",
+              help="Random-sampling KD (per-token caches): draw M ids per token from the teacher's distribution with a "
+                   "seeded generator and store the distinct ids with their counts (counts/M estimates the probabilities).")
+@click.option("--sample-temperature", type=float, default=1.0, show_default=True, metavar="TS",
+              help="With --sample: draw from softmax(logits/TS). TS != 1 also stores the drawn ids' logits, so training "
+                   "corrects the draws by importance weights.")
+@click.option("--full", is_flag=True, help="Store every logit (C values per row); the size is stated before the dump starts.")
+@click.option("--encoding", type=click.Choice(["plain", "compact"]), default="plain", show_default=True,
+              help="compact: top-k/sampled rows in fewer bytes (ids sorted and delta-coded, values quantized; see "
+                   "BENCHMARKS.md for bytes/token and fidelity). plain: float16/32 values and uint16/int32 ids.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="The distillation temperature you mean to use, recorded as the cache's default. Raw logits are "
                    "stored, so any temperature can still be chosen when training.")
@@ -107,26 +119,30 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace an existing cache at DIR (only a directory holding a logit-cache manifest).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no log lines; only the summary and errors.")
 def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_checkpoint: bool, dataset: str,
-                 dataset_kwargs: str | None, out: Path | None, cache_root: Path | None, no_wait: bool, topk: int | None, full: bool,
-                 temperature: float, dtype: str,
+                 dataset_kwargs: str | None, out: Path | None, cache_root: Path | None, no_wait: bool, topk: int | None,
+                 sample: int | None, sample_temperature: float, full: bool, encoding: str, temperature: float, dtype: str,
                  backend: str, batch_size: int, num_workers: int | None, device: str, precision: str,
                  shard_rows: int | None, views: int, seed: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Run a teacher over a dataset once and cache its logits.
 
     Writes a cache directory (manifest.json and Zarr or HDF5 shards) holding, for every dataset index,
-    the teacher's full logits (--full) or its top-k logits, ids and logsumexp (--topk K).
+    the teacher's full logits (--full) or its top-k logits, ids and logsumexp (--topk K). For token
+    data (a language model's) there is one row per real token (padding is never stored) and
+    --sample M stores M draws from each token's distribution as distinct ids and counts.
 
     \b
     Examples:
       logit-cache dump --teacher teacher.pt --arch logit_cache.models:digits_mlp \\
           --dataset digits --out caches/digits-top5 --topk 5
       logit-cache dump --teacher model.ts --dataset mydata:make_dataset --out caches/full --full --format hdf5
+      logit-cache dump --teacher hf:models/my-lm --dataset tokens:train.npy --out caches/lm-s50 --sample 50
       torchrun --nproc_per_node=2 -m logit_cache dump ...   # each rank writes its own shards
     """
     _setup_logging(quiet)
     try:
-        if topk is not None and full:
-            raise UsageError("--topk and --full are exclusive: pass one of them")
+        chosen = [flag for flag, on in (("--topk", topk is not None), ("--sample", sample is not None), ("--full", full)) if on]
+        if len(chosen) > 1:
+            raise UsageError(f"{' and '.join(chosen)} are exclusive: pass one of --topk K, --sample M, --full")
         config = DumpConfig(
             teacher=teacher,
             arch=arch,
@@ -137,8 +153,11 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
             out=str(out) if out is not None else None,
             cache_root=str(cache_root) if cache_root is not None else (None if out is not None else os.environ.get(ROOT_ENV)),
             wait=not no_wait,
-            mode="full" if full else "topk",
+            mode="full" if full else "sampled" if sample is not None else "topk",
             k=topk,
+            m=sample,
+            sample_temperature=sample_temperature,
+            encoding=encoding,
             temperature=temperature,
             dtype=dtype,
             backend=backend,
@@ -165,22 +184,34 @@ def _rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _what(manifest: Manifest) -> str:
+    """A cache's content in a few words: top-5, sampled M=50 (Ts 1), full logits; per token when so."""
+    what = {"topk": f"top-{manifest.k}", "sampled": f"sampled M={manifest.m} (Ts {manifest.sample_temperature:g})"}.get(
+        manifest.mode, "full logits")
+    what += f", {manifest.encoding} encoding" if manifest.encoding != "plain" else ""
+    return what + (" per token" if manifest.per_token else "")
+
+
 def _summary(result: DumpResult) -> str:
     manifest = result.manifest
     size = result.bytes_on_disk
-    what = f"top-{manifest.k}" if manifest.mode == "topk" else "full logits"
+    what = _what(manifest)
     if result.reused:
         return f"reused cache {manifest.key} ({what}, {manifest.backend}) at {result.out}: nothing computed"
     lines = [
         f"wrote {result.out}: {what}, {manifest.dtype}, {manifest.backend}, {manifest.num_classes} classes",
-        f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} samples) in {len(manifest.shards)} shard(s)"
+        f"  rows        {manifest.num_rows:,} ({manifest.num_samples:,} {'sequences' if manifest.per_token else 'samples'}) "
+        f"in {len(manifest.shards)} shard(s)"
         + (f", {result.resumed_shards} kept from the unfinished dump" if result.resumed_shards else ""),
-        f"  on disk     {_human_bytes(size)} ({size / max(1, manifest.num_samples):,.1f} B/sample)",
+        f"  on disk     {_human_bytes(size)} ({size / max(1, manifest.num_rows if manifest.per_token else manifest.num_samples):,.1f} "
+        f"B/{'token' if manifest.per_token else 'sample'})",
         f"  time        {result.seconds:.2f} s in all, {result.compute_seconds:.2f} s in the inference loop "
-        f"({result.samples_per_second:,.0f} samples/s)",
+        f"({result.samples_per_second:,.0f} {'tokens' if manifest.per_token else 'samples'}/s)",
     ]
-    if result.mean_topk_mass is not None:
+    if result.mean_topk_mass is not None and manifest.mode == "topk":
         lines.append(f"  top-{manifest.k} mass  {result.mean_topk_mass:.4f} (mean probability mass at T=1)")
+    elif result.mean_topk_mass is not None:
+        lines.append(f"  drawn mass  {result.mean_topk_mass:.4f} (mean teacher probability of the distinct drawn ids, T=1)")
     lines.append(f"  key         {manifest.key}")
     return "\n".join(lines)
 
@@ -218,7 +249,7 @@ def info_command(cache: Path, as_json: bool) -> None:
         click.echo(json.dumps(record, indent=2))
         return
     teacher, data = manifest.teacher, manifest.dataset
-    what = f"top-{manifest.k}" if manifest.mode == "topk" else manifest.mode
+    what = _what(manifest)
     lines = [
         f"{path}" + ("" if manifest.complete else "   INCOMPLETE (resume the dump with --resume)"),
         f"  key          {manifest.key}   (format v{manifest.format_version}, logit-cache {manifest.tool_version}, "
@@ -272,7 +303,7 @@ def ls_command(root: Path | None, as_json: bool) -> None:
             state = "INCOMPLETE (no manifest yet)" if entry.path.name.endswith(".partial") else f"DAMAGED: {entry.error}"
             lines.append(["?", "?", "?", "?", "?", _human_bytes(entry.bytes_on_disk), "?", state, "?", entry.path.name])
             continue
-        what = f"top-{record['k']}" if record["mode"] == "topk" else record["mode"]
+        what = {"topk": f"top-{record['k']}", "sampled": f"sample-{record.get('m')}"}.get(record["mode"], record["mode"])
         what += f" {record['dtype']} {record['backend']}" + (f" x{record['views']} views" if record["views"] > 1 else "")
         data = record["dataset"] + (f" {json.dumps(record['dataset_kwargs'])}" if record["dataset_kwargs"] else "")
         lines.append([record["key"], f"{Path(str(record['teacher'])).name} ({str(record['teacher_sha256'])[:8]})", data, what,

@@ -26,6 +26,7 @@ from .errors import DatasetError, SpecError
 from .fingerprint import dataset_fingerprint
 from .replay import FirstViews
 from .spec import resolve_callable
+from .tokens import ByteText, TokenWindows, is_token_item, token_item
 
 if TYPE_CHECKING:
     from .manifest import Manifest
@@ -74,7 +75,9 @@ class DigitsDataset(Dataset):
         return image, int(self.labels[index])
 
 
-BUILTIN_DATASETS = {"digits": DigitsDataset}
+BUILTIN_DATASETS = {"digits": DigitsDataset, "text": ByteText}
+#: ``tokens:PATH.npy``: a flat token-id array cut into windows (tokens.TokenWindows).
+TOKENS_PREFIX = "tokens:"
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,8 @@ class ResolvedDataset:
     spec: str
     kwargs: dict[str, Any]
     has_labels: bool
+    #: Items are token sequences (a language model's data): one cache row per real token.
+    per_token: bool = False
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -110,7 +115,8 @@ def recorded_fingerprint(dataset: Any, manifest: Manifest) -> str:
     """``dataset``'s fingerprint computed as the dump of ``manifest`` computed it (its spec, kwargs and
     seed), to compare with ``manifest.dataset["fingerprint"]``."""
     recorded = manifest.dataset
-    return fingerprint_as_dumped(dataset, str(recorded.get("spec")), dict(recorded.get("kwargs") or {}), manifest.seed)
+    seed = None if manifest.per_token else manifest.seed  # per token, the seed is the sampling seed: no replayed inputs
+    return fingerprint_as_dumped(dataset, str(recorded.get("spec")), dict(recorded.get("kwargs") or {}), seed)
 
 
 def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> ResolvedDataset:
@@ -118,6 +124,9 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
     kwargs = dict(kwargs or {})
     if spec in BUILTIN_DATASETS:
         factory: Any = BUILTIN_DATASETS[spec]
+    elif spec.startswith(TOKENS_PREFIX):
+        path = spec[len(TOKENS_PREFIX):]
+        factory = lambda **kw: TokenWindows(path, **kw)  # noqa: E731
     elif ":" in spec:
         try:
             factory = resolve_callable(spec, "--dataset")
@@ -125,7 +134,7 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
             raise DatasetError(str(exc)) from exc
     else:
         raise DatasetError(
-            f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}) nor MODULE:CALLABLE"
+            f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}), tokens:PATH.npy, nor MODULE:CALLABLE"
         )
     try:
         dataset = factory(**kwargs)
@@ -145,6 +154,11 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
         first = dataset[0]
     except Exception as exc:
         raise DatasetError(f"--dataset {spec!r}: reading item 0 failed: {exc!r}") from exc
+    if is_token_item(first):
+        parsed = token_item(first, f"--dataset {spec!r} item 0")
+        if len(parsed.ids) == 0:
+            raise DatasetError(f"--dataset {spec!r}: item 0 has no tokens")
+        return ResolvedDataset(dataset, spec, kwargs, has_labels=True, per_token=True)  # labels: the ids, at worst
     return ResolvedDataset(dataset, spec, kwargs, has_labels=_split_item(first, spec)[1] is not None)
 
 

@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .catalog import ROOT_ENV, cache_dir_name, directory_bytes, find_by_key, readable_name, writer_lock
+from .compact import ENCODINGS, encode_arrays, stored_specs
 from .datasets import ResolvedDataset, resolve_dataset, split_batch
 from .errors import (
     CheckpointNotFoundError,
@@ -43,7 +44,7 @@ from .errors import (
     TeacherOutputError,
     UsageError,
 )
-from .fingerprint import content_key, file_sha256
+from .fingerprint import content_key
 from .manifest import (
     BACKENDS,
     FORMAT_VERSION,
@@ -53,8 +54,9 @@ from .manifest import (
 )
 from .replay import ReplayViews, check_replayable
 from .store import ArraySpec, get_backend
-from .targets import encode, index_dtype
-from .teacher import Teacher, load_teacher
+from .targets import count_dtype, encode, index_dtype
+from .teacher import Teacher, is_hf_spec, load_teacher, teacher_sha256
+from .tokens import TokenBatch, collate_tokens, token_lengths
 from .writer import (
     ShardedWriter,
     ShardPlan,
@@ -62,6 +64,7 @@ from .writer import (
     finalize,
     partial_path,
     plan_shards,
+    plan_token_shards,
     prepare_work_dir,
     read_progress,
     split_for_rank,
@@ -79,6 +82,9 @@ LABEL_CHUNK_ROWS = 16384
 MIN_CHUNK_ROWS, MAX_CHUNK_ROWS = 256, 1 << 16
 #: Default shard size: few enough files for big caches, small enough to resume cheaply.
 SHARD_TARGET_BYTES = 256 << 20
+#: Per-token dumps encode at most this many tokens' logits at a time on the device: with a vocabulary
+#: of 250k, a float32 [1024, V] is 1 GB; the teacher's own [B, T, V] output is the only larger tensor.
+TOKEN_CHUNK = 1024
 
 
 @dataclass
@@ -90,6 +96,11 @@ class DumpConfig:
     out: str | None = None  # the cache directory; or name it by content under cache_root
     mode: str = "topk"
     k: int | None = None
+    #: sampled mode: draws per row (token), and the temperature of the distribution drawn from
+    m: int | None = None
+    sample_temperature: float = 1.0
+    #: "plain" (the format's arrays as they are) or "compact" (compact.py: fewer bytes per token)
+    encoding: str = "plain"
     arch: str | None = None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     trust_checkpoint: bool = False
@@ -121,14 +132,26 @@ class DumpConfig:
             )
         if self.mode == "topk":
             if self.k is None:
-                raise UsageError("choose what to store: --topk K (the K largest logits per row) or --full")
+                raise UsageError("choose what to store: --topk K (the K largest logits per row), --sample M or --full")
             if self.k < 1:
                 raise UsageError(f"--topk must be >= 1, got {self.k}")
-        elif self.mode == "full":
-            if self.k is not None:
-                raise UsageError("--topk and --full are exclusive: pass one of them")
-        else:
-            raise UsageError(f"unknown mode {self.mode!r}; use --topk K or --full")
+        elif self.mode == "sampled":
+            if self.m is None or not 1 <= self.m <= 65535:
+                raise UsageError(f"--sample M draws M ids per row: M must be in [1, 65535], got {self.m}")
+        elif self.mode != "full":
+            raise UsageError(f"unknown mode {self.mode!r}; use --topk K, --sample M or --full")
+        chosen = [flag for flag, on in (("--topk", self.k is not None), ("--sample", self.m is not None),
+                                        ("--full", self.mode == "full")) if on]
+        if len(chosen) > 1:
+            raise UsageError(f"{' and '.join(chosen)} are exclusive: pass one of --topk K, --sample M, --full")
+        if not self.sample_temperature > 0:
+            raise UsageError(f"--sample-temperature must be > 0, got {self.sample_temperature}")
+        if self.sample_temperature != 1.0 and self.mode != "sampled":
+            raise UsageError("--sample-temperature applies to --sample M (the distribution ids are drawn from)")
+        if self.encoding not in ENCODINGS:
+            raise UsageError(f"--encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
+        if self.encoding != "plain" and self.mode == "full":
+            raise UsageError("--encoding compact applies to --topk and --sample caches; full logits are stored plain")
         if self.dtype not in VALUE_DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
         if self.backend not in BACKENDS:
@@ -154,8 +177,8 @@ class DumpConfig:
         self.validate()
         return replace(
             self,
-            # several views need seeded replay; 0 is the documented default
-            seed=0 if self.views > 1 and self.seed is None else self.seed,
+            # several views need seeded replay, sampled targets a seeded draw; 0 is the documented default
+            seed=0 if (self.views > 1 or self.mode == "sampled") and self.seed is None else self.seed,
             # Under a root the key is the name: an existing cache of this key is this very content, so
             # reuse it, and resume an unfinished dump of it (a killed writer's work) instead of refusing.
             resume=self.resume or (self.cache_root is not None and not self.overwrite),
@@ -325,17 +348,37 @@ def _pow2_at_least(count: int) -> int:
     return 1 << max(0, count - 1).bit_length()
 
 
-def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool, num_samples: int) -> list[ArraySpec]:
-    """The arrays every shard holds, with names, dtypes and row shapes of the cache format."""
+def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool, num_samples: int,
+                per_token: bool = False, encoding: str = "plain", sampled_logits: bool = False) -> list[ArraySpec]:
+    """The arrays every shard holds, with names, dtypes and row shapes of the cache format.
+
+    ``k`` is the row width: K in top-k mode, M in sampled mode. Per-token caches add the shard-local
+    ``offsets`` and store no labels (the dataset's ids are the labels).
+    """
     if mode == "full":
         specs = [ArraySpec("logits", dtype, (num_classes,))]
-    else:
+    elif encoding != "plain":
+        assert k is not None
+        specs = stored_specs(mode, k, num_classes, dtype, encoding, sampled_logits=sampled_logits)
+    elif mode == "topk":
         assert k is not None
         specs = [
             ArraySpec("topk_logits", dtype, (k,), compress=True),
             ArraySpec("topk_indices", index_dtype(num_classes).name, (k,), compress=True),
             ArraySpec("logsumexp", "float32", (), compress=True),
         ]
+    else:
+        assert k is not None
+        specs = [
+            ArraySpec("sampled_indices", index_dtype(num_classes).name, (k,), compress=True),
+            ArraySpec("sampled_counts", count_dtype(k).name, (k,), compress=True),
+            ArraySpec("logsumexp", "float32", (), compress=True),
+        ]
+        if sampled_logits:
+            specs.append(ArraySpec("sampled_logits", dtype, (k,), compress=True))
+    if per_token:
+        offsets_chunk = min(LABEL_CHUNK_ROWS, max(MIN_CHUNK_ROWS, _pow2_at_least(num_samples + 1)))
+        return [*specs, ArraySpec("offsets", "int64", (), per="offsets", compress=True, chunk_rows=offsets_chunk)]
     if has_labels:
         label_chunk = min(LABEL_CHUNK_ROWS, max(MIN_CHUNK_ROWS, _pow2_at_least(num_samples)))
         specs.append(ArraySpec("labels", "int64", (), per="sample", compress=True, chunk_rows=label_chunk))
@@ -370,11 +413,18 @@ class Layout:
 
 
 def plan_layout(mode: str, k: int | None, num_classes: int, dtype: str, has_labels: bool, num_samples: int,
-                views: int = 1, shard_rows: int | None = None) -> Layout:
-    """The layout a dump of these settings writes (the benchmark replays its batches from it)."""
-    specs = array_specs(mode, k, num_classes, dtype, has_labels, num_samples)
-    chunk_rows, shard_rows = chunk_and_shard_rows(specs, shard_rows, views, num_samples * views)
-    return Layout(specs, chunk_rows, shard_rows, plan_shards(num_samples, views, shard_rows))
+                views: int = 1, shard_rows: int | None = None, lengths: np.ndarray | None = None,
+                encoding: str = "plain", sampled_logits: bool = False) -> Layout:
+    """The layout a dump of these settings writes (the benchmark replays its batches from it).
+
+    ``lengths``: tokens per sample for a per-token cache (rows are tokens; shards cut at sample ends).
+    """
+    per_token = lengths is not None
+    specs = array_specs(mode, k, num_classes, dtype, has_labels and not per_token, num_samples, per_token, encoding, sampled_logits)
+    num_rows = int(lengths.sum()) if per_token else num_samples * views
+    chunk_rows, shard_rows = chunk_and_shard_rows(specs, shard_rows, views, num_rows)
+    plans = plan_token_shards(lengths, shard_rows) if per_token else plan_shards(num_samples, views, shard_rows)
+    return Layout(specs, chunk_rows, shard_rows, plans)
 
 
 def make_batches(plans: list[ShardPlan], batch_size: int, views: int = 1) -> list[tuple[ShardPlan, list[int]]]:
@@ -432,16 +482,24 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
     config = config.resolved()
     device = resolve_device(config.device, dist_info.local_rank)
     out = Path(config.out) if config.out is not None else Path()  # under a root: named once the key is known
-    teacher_path = Path(config.teacher)
-    if not teacher_path.exists():
+    if not is_hf_spec(config.teacher) and not Path(config.teacher).exists():
         raise CheckpointNotFoundError(f"--teacher {config.teacher}: no such file")
     resolved = resolve_dataset(config.dataset, config.dataset_kwargs)
-    if config.seed is not None:
+    if config.mode == "sampled" and not resolved.per_token:
+        raise UsageError(
+            f"--sample M is for per-token (language-model) caches, whose vocabularies make top-k costly; --dataset "
+            f"{config.dataset!r} has one distribution per sample: use --topk K or --full"
+        )
+    if resolved.per_token and config.views > 1:
+        raise UsageError(
+            f"--views {config.views}: augmented views are for per-sample data; --dataset {config.dataset!r} holds token sequences"
+        )
+    if config.seed is not None and not resolved.per_token:
         check_replayable(resolved.dataset, config.views, config.seed, config.dataset)
-    teacher_sha256 = file_sha256(teacher_path)
-    fingerprint = resolved.fingerprint(config.seed)
+    teacher_digest = teacher_sha256(config.teacher)
+    fingerprint = resolved.fingerprint(config.seed if not resolved.per_token else None)
     key = content_key(
-        teacher_sha256=teacher_sha256,
+        teacher_sha256=teacher_digest,
         dataset_fingerprint=fingerprint,
         mode=config.mode,
         k=config.k,
@@ -450,25 +508,45 @@ def _prepare(config: DumpConfig, dist_info: _Dist) -> tuple[_Prepared, Manifest 
         dtype=config.dtype,
         format_version=FORMAT_VERSION,
         precision=config.precision,
+        m=config.m,
+        sample_temperature=config.sample_temperature,
+        encoding=config.encoding,
     )
     if config.cache_root is not None:
         root = Path(config.cache_root)
-        readable = readable_name(config.dataset, config.dataset_kwargs, config.mode, config.k, config.dtype, config.views, config.backend)
+        width = config.m if config.mode == "sampled" else config.k
+        readable = readable_name(config.dataset, config.dataset_kwargs, config.mode, width, config.dtype, config.views, config.backend)
         out = find_by_key(root, key, config.backend) or root / cache_dir_name(readable, key)
     done = check_output(out, key, config.backend, config.resume, config.overwrite)
-    return _Prepared(config, out, partial_path(out), device, resolved, teacher_sha256, fingerprint, key), done
+    return _Prepared(config, out, partial_path(out), device, resolved, teacher_digest, fingerprint, key), done
 
 
 def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
-    """Run the teacher on item 0 to learn the class count and check the output's shape."""
-    batch = default_collate([prepared.resolved.dataset[0]])
-    inputs, _ = split_batch(batch, prepared.resolved.has_labels)
+    """Run the teacher on item 0 to learn the class (vocabulary) count and check the output's shape."""
+    per_token = prepared.resolved.per_token
+    if per_token:
+        batch = collate_tokens([prepared.resolved.dataset[0]])
+        inputs = batch.inputs
+    else:
+        inputs, _ = split_batch(default_collate([prepared.resolved.dataset[0]]), prepared.resolved.has_labels)
     with torch.inference_mode(), autocast_for(prepared.device, prepared.config.precision):
         logits = run_teacher(teacher.module, to_device(inputs, prepared.device))
+    if per_token:
+        length = int(batch.lengths[0])
+        if logits.dim() != 3 or logits.shape[:2] != (1, length) or logits.shape[2] < 1:
+            raise TeacherOutputError(
+                f"--dataset {prepared.config.dataset!r} holds token sequences, so the teacher must return logits "
+                f"[batch, tokens, vocab]; for item 0 ({length} tokens) it returned shape {tuple(logits.shape)}"
+            )
+        num_classes = int(logits.shape[2])
+        if prepared.config.mode == "topk" and prepared.config.k > num_classes:
+            raise UsageError(f"--topk {prepared.config.k} exceeds the teacher's vocabulary of {num_classes}; use a smaller K")
+        return num_classes
     if logits.dim() == 3:
         raise TeacherOutputError(
-            f"the teacher returned logits of shape {tuple(logits.shape)} ([batch, tokens, vocab]); per-token "
-            f"(language-model) caches are not supported by this version: it caches one distribution per sample"
+            f"the teacher returned logits of shape {tuple(logits.shape)} ([batch, tokens, vocab]) but the items of "
+            f"--dataset {prepared.config.dataset!r} are not token sequences (1-D integer ids, (ids, labels), or a dict "
+            f"with input_ids); per-token caches need token-sequence items"
         )
     if logits.dim() != 2 or logits.shape[0] != 1 or logits.shape[1] < 1:
         raise TeacherOutputError(
@@ -488,6 +566,9 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, layout: Layout,
         backend=config.backend,
         mode=config.mode,
         k=config.k,
+        m=config.m,
+        sample_temperature=config.sample_temperature,
+        encoding=config.encoding,
         num_classes=num_classes,
         dtype=config.dtype,
         temperature=config.temperature,
@@ -495,7 +576,7 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, layout: Layout,
         num_rows=layout.plans[-1].row_stop,
         views=config.views,
         seed=config.seed,
-        per_token=False,
+        per_token=prepared.resolved.per_token,
         teacher=teacher.manifest_entry(),
         dataset=prepared.resolved.manifest_entry(prepared.fingerprint),
         key=prepared.key,
@@ -516,6 +597,29 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, layout: Layout,
     )
 
 
+@dataclass(frozen=True)
+class _Storage:
+    """How host arrays become stored arrays: the ids' and counts' dtypes, the encoding."""
+
+    mode: str
+    num_classes: int
+    dtype: str
+    encoding: str
+    ids_dtype: np.dtype
+    counts_dtype: np.dtype | None
+
+    def store(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        for name in ("topk_indices", "sampled_indices"):
+            if name in arrays:
+                arrays[name] = arrays[name].astype(self.ids_dtype)
+        if "sampled_counts" in arrays:
+            arrays["sampled_counts"] = arrays["sampled_counts"].astype(self.counts_dtype)
+        if self.encoding == "plain" or self.mode == "full":
+            return arrays
+        targets = {name: arrays.pop(name) for name in list(arrays) if name not in ("labels", "offsets")}
+        return {**encode_arrays(self.mode, targets, self.encoding, self.num_classes), **arrays}
+
+
 def _host_producer(
     encoded: dict[str, torch.Tensor],
     nonfinite: torch.Tensor,
@@ -523,17 +627,22 @@ def _host_producer(
     labels: torch.Tensor | None,
     indices: list[int],
     event: Any,
-    ids_dtype: np.dtype,
-    dtype: str,
+    storage: _Storage,
+    extra: dict[str, np.ndarray] | None = None,
 ) -> Any:
-    """A callable for the writer thread: wait for the copies, check for bad rows, convert to numpy."""
+    """A callable for the writer thread: wait for the copies, check for bad rows, convert to numpy.
+
+    ``indices`` gives each row's dataset index (per token: the index of its sequence); ``extra``
+    holds host arrays written as they are (a per-token batch's offsets).
+    """
+    dtype = storage.dtype
 
     def produce() -> dict[str, np.ndarray]:
         if event is not None:
             event.synchronize()
         bad = nonfinite.numpy()
         if bad.any():
-            rows = [indices[i] for i in np.flatnonzero(bad)]
+            rows = list(dict.fromkeys(indices[i] for i in np.flatnonzero(bad)))
             shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
             raise NonFiniteLogitsError(
                 f"the teacher produced NaN or infinite logits for dataset indices {shown}; nothing is stored "
@@ -541,17 +650,15 @@ def _host_producer(
             )
         over = overflow.numpy()
         if over.any():
-            rows = [indices[i] for i in np.flatnonzero(over)][:20]
+            rows = list(dict.fromkeys(indices[i] for i in np.flatnonzero(over)))[:20]
             raise NonFiniteLogitsError(
                 f"logits of dataset indices {', '.join(map(str, rows))} do not fit --dtype {dtype} "
                 f"(|logit| > 65504 in float16); dump with --dtype float32"
             )
         arrays = {name: tensor.numpy() for name, tensor in encoded.items()}
-        if "topk_indices" in arrays:
-            arrays["topk_indices"] = arrays["topk_indices"].astype(ids_dtype)
         if labels is not None:
             arrays["labels"] = labels.numpy().astype(np.int64, copy=False)
-        return arrays
+        return storage.store({**arrays, **(extra or {})})
 
     return produce
 
@@ -568,7 +675,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
     workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
     replayed = ReplayViews(prepared.resolved.dataset, config.views, config.seed) if config.seed is not None else None
     loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda", replayed)
-    ids_dtype = index_dtype(num_classes)
+    storage = _storage(config, num_classes)
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
     writer = ShardedWriter(prepared.work, backend, layout.specs, layout.chunk_rows, attrs)
     mass_total = torch.zeros((), dtype=torch.float64, device=device)
@@ -594,18 +701,123 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                     )
                 encoded = encode(logits, config.mode, config.k, config.dtype)
                 mass_total += encoded.topk_mass
-                host = {name: t.to("cpu", non_blocking=True) for name, t in encoded.arrays.items()}
-                nonfinite = encoded.nonfinite.to("cpu", non_blocking=True)
-                overflow = encoded.overflow.to("cpu", non_blocking=True)
-                event = None
-                if device.type == "cuda":
-                    event = torch.cuda.Event()
-                    event.record(torch.cuda.current_stream(device))  # after the copies to the host
-                writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, ids_dtype, config.dtype))
+                host, nonfinite, overflow, event = _copy_to_host(encoded, device)
+                writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, storage))
                 if position + 1 == len(batches) or batches[position + 1][0] != plan:
                     writer.end_shard(plan)
                 rows += len(rows_of_batch)
                 bar.update(len(rows_of_batch) // config.views)
+        writer.finish()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    return rows, float(mass_total.item()), time.perf_counter() - started
+
+
+def _storage(config: DumpConfig, num_classes: int) -> _Storage:
+    counts = count_dtype(config.m) if config.mode == "sampled" else None
+    return _Storage(config.mode, num_classes, config.dtype, config.encoding, index_dtype(num_classes), counts)
+
+
+def _copy_to_host(encoded: Any, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
+    """Start the device-to-host copies of an encoded batch; the event marks their end on a GPU."""
+    host = {name: t.to("cpu", non_blocking=True) for name, t in encoded.arrays.items()}
+    nonfinite = encoded.nonfinite.to("cpu", non_blocking=True)
+    overflow = encoded.overflow.to("cpu", non_blocking=True)
+    event = None
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))  # after the copies to the host
+    return host, nonfinite, overflow, event
+
+
+def _sample_seed(seed: int | None, index: int) -> int:
+    """The sampled mode's generator seed for dataset item ``index``: draws depend on the item, not on
+    the batch it falls in, so resumed, multi-rank and differently batched dumps draw the same ids."""
+    return ((seed or 0) << 40) + index
+
+
+def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int], config: DumpConfig) -> Any:
+    """Encode the real tokens of a right-padded batch, (B, T, V) -> rows (sum(lengths), ...), a
+    chunk of at most TOKEN_CHUNK tokens at a time (float32 work stays bounded for any T and V)."""
+    parts = []
+    for row, (length, index) in enumerate(zip(lengths, indices, strict=True)):
+        tokens = logits[row, :length]  # (L, V), a view
+        generator = None
+        if config.mode == "sampled":
+            generator = torch.Generator(device=logits.device).manual_seed(_sample_seed(config.seed, index))
+        for start in range(0, length, TOKEN_CHUNK):
+            parts.append(encode(tokens[start : start + TOKEN_CHUNK], config.mode, config.k, config.dtype, m=config.m,
+                                sample_temperature=config.sample_temperature, generator=generator))
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    return type(first)(
+        {name: torch.cat([p.arrays[name] for p in parts]) for name in first.arrays},
+        torch.cat([p.nonfinite for p in parts]),
+        torch.cat([p.overflow for p in parts]),
+        torch.stack([p.topk_mass for p in parts]).sum(),
+    )
+
+
+def _run_token_shards(prepared: _Prepared, teacher: Teacher, layout: Layout, todo: list[ShardPlan], num_classes: int,
+                      lengths: np.ndarray, show_progress: bool) -> tuple[int, float, float]:
+    """The per-token twin of :func:`_run_shards`: batches of whole sequences, right-padded; one row
+    per real token; each shard's ``offsets`` written as its batches arrive."""
+    config, device = prepared.config, prepared.device
+    if not todo:
+        return 0, 0.0, 0.0
+    started = time.perf_counter()
+    batches = make_batches(todo, config.batch_size)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
+    loader = DataLoader(prepared.resolved.dataset, batch_sampler=[indices for _, indices in batches], num_workers=workers,
+                        pin_memory=device.type == "cuda", collate_fn=collate_tokens, prefetch_factor=4 if workers > 0 else None)
+    storage = _storage(config, num_classes)
+    ends = np.cumsum(lengths)  # global row after each sample
+    attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
+    writer = ShardedWriter(prepared.work, get_backend(config.backend), layout.specs, layout.chunk_rows, attrs)
+    mass_total = torch.zeros((), dtype=torch.float64, device=device)
+    rows = 0
+    bar = tqdm(total=int(sum(plan.num_rows for plan in todo)), unit="tok", unit_scale=True, desc="dump",
+               disable=None if show_progress else True)
+    try:
+        with torch.inference_mode():
+            batch_iter = iter(loader)
+            for position, (plan, indices) in enumerate(batches):
+                batch: TokenBatch = _next_batch(batch_iter, indices)
+                got = batch.lengths.tolist()
+                want = lengths[indices].tolist()
+                if got != want:
+                    wrong = next(i for i, g, w in zip(indices, got, want, strict=True) if g != w)
+                    raise DatasetError(
+                        f"dataset item {wrong} has {got[indices.index(wrong)]} tokens now but had "
+                        f"{want[indices.index(wrong)]} when the dump planned its shards: the dataset must not change during a dump"
+                    )
+                with autocast_for(device, config.precision):
+                    logits = _call_teacher(teacher.module, to_device(batch.inputs, device), indices)  # (B, T, V)
+                expected = (len(indices), int(batch.lengths.max()), num_classes)
+                if tuple(logits.shape) != expected:
+                    raise TeacherOutputError(
+                        f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape {tuple(logits.shape)}; "
+                        f"expected {expected} ([batch, tokens, vocab])"
+                    )
+                encoded = _encode_tokens(logits, got, indices, config)
+                mass_total += encoded.topk_mass
+                host, nonfinite, overflow, event = _copy_to_host(encoded, device)
+                # shard-local offsets: the batch's sequence ends, and the shard's leading 0 with its first batch
+                base = plan.row_start
+                local = ends[indices[0] : indices[-1] + 1] - base
+                if indices[0] == plan.sample_start:
+                    local = np.concatenate([[0], local])
+                row_samples = np.repeat(indices, got).tolist()
+                writer.submit(plan, _host_producer(host, nonfinite, overflow, None, row_samples, event, storage,
+                                                   {"offsets": local.astype(np.int64)}))
+                if position + 1 == len(batches) or batches[position + 1][0] != plan:
+                    writer.end_shard(plan)
+                rows += len(row_samples)
+                bar.update(len(row_samples))
         writer.finish()
     except BaseException:
         writer.abort()
@@ -671,8 +883,15 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
 
     teacher, num_classes = _phase(dist_info, load)
     backend = get_backend(config.backend)
-    layout = plan_layout(config.mode, config.k, num_classes, config.dtype, prepared.resolved.has_labels,
-                         len(prepared.resolved), config.views, config.shard_rows)
+    lengths = _phase(dist_info, token_lengths, prepared.resolved.dataset) if prepared.resolved.per_token else None
+    layout = plan_layout(config.mode, config.m if config.mode == "sampled" else config.k, num_classes, config.dtype,
+                         prepared.resolved.has_labels, len(prepared.resolved), config.views, config.shard_rows, lengths,
+                         config.encoding, sampled_logits=config.mode == "sampled" and config.sample_temperature != 1.0)
+    if config.mode == "full" and dist_info.is_main:
+        rows = layout.plans[-1].row_stop
+        size = rows * num_classes * np.dtype(config.dtype).itemsize
+        log.warning("--full stores every logit: %d rows x %d classes x %d B = %.3g GB on disk; --topk K or --sample M store "
+                    "a fraction of that", rows, num_classes, np.dtype(config.dtype).itemsize, size / 1e9)
     plans = layout.plans
     manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
     if dist_info.is_main:
@@ -683,10 +902,11 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
     if dist_info.world_size > len(plans) and dist_info.is_main:
         log.warning("%d ranks but only %d shards: some ranks idle; pass a smaller --shard-rows", dist_info.world_size, len(plans))
     todo = [plan for plan in mine if read_progress(prepared.work, backend, plan) is None]
-    rows, mass, compute_seconds = _phase(
-        dist_info, _run_shards, prepared, teacher, layout, todo, num_classes,
-        dist_info.is_main and not config.quiet,
-    )
+    show = dist_info.is_main and not config.quiet
+    if lengths is not None:
+        rows, mass, compute_seconds = _phase(dist_info, _run_token_shards, prepared, teacher, layout, todo, num_classes, lengths, show)
+    else:
+        rows, mass, compute_seconds = _phase(dist_info, _run_shards, prepared, teacher, layout, todo, num_classes, show)
     rows, mass, kept, compute_seconds = _reduce_stats(dist_info, rows, mass, len(mine) - len(todo), compute_seconds)
     seconds = time.perf_counter() - started
     if dist_info.is_main:
@@ -695,7 +915,7 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
     else:
         _sync(dist_info, None)
         manifest = read_manifest(prepared.out)
-    mean_mass = mass / rows if rows and config.mode == "topk" else None
+    mean_mass = mass / rows if rows and config.mode in ("topk", "sampled") else None
     return DumpResult(prepared.out, manifest, False, rows, kept, seconds, compute_seconds, directory_bytes(prepared.out), mean_mass)
 
 

@@ -140,8 +140,16 @@ def content_key(
     dtype: str,
     format_version: int,
     precision: str = "fp32",
+    m: int | None = None,
+    sample_temperature: float = 1.0,
+    encoding: str = "plain",
 ) -> str:
-    """The short key that names a cache's content (see the module docstring)."""
+    """The short key that names a cache's content (see the module docstring).
+
+    Fields added after the first caches were made (precision, the sampled mode's m and sample
+    temperature, the encoding) enter the payload only when they differ from their defaults, so
+    the keys of caches made before them stay valid.
+    """
     payload = {
         "fingerprint_version": FINGERPRINT_VERSION,
         "format_version": format_version,
@@ -155,4 +163,9 @@ def content_key(
     }
     if precision != "fp32":  # bf16/fp16 teachers give other logits; fp32 keys stay as they were
         payload["precision"] = precision
+    if mode == "sampled":
+        payload["m"] = m
+        payload["sample_temperature"] = float(sample_temperature)
+    if encoding != "plain":
+        payload["encoding"] = encoding
     return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:KEY_LENGTH]

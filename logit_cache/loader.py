@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,7 @@ from .fingerprint import canonical_json
 from .reader import LogitCache
 from .replay import ViewFn, default_view, replay_items
 from .targets import Targets
+from .tokens import collate_tokens
 
 VERIFY_CHOICES = ("fingerprint", "length")
 
@@ -91,6 +93,38 @@ class _Fetched:
         return iter(self._attached())
 
 
+def _sample_slice(target: Targets, j: int) -> Targets:
+    """Sequence ``j`` of a flat per-token batch, as a one-sequence Targets (views, no copy)."""
+    ends = torch.cumsum(target.lengths, 0)
+    stop = int(ends[j])
+    start = stop - int(target.lengths[j])
+    cut = {name: t[start:stop] for name, t in target._tensors().items() if name != "lengths"}
+    return replace(target, **cut, lengths=target.lengths[j : j + 1])
+
+
+class _FetchedTokens(_Fetched):
+    """A per-token batch: the sequences and, per cache, a flat Targets of their tokens with ``lengths``."""
+
+    def __init__(self, items: list, targets: list[Targets], caches: list[LogitCache]) -> None:
+        self.items, self.arrays, self.caches, self.targets = items, [], caches, targets
+        self._items = None
+
+    def _attached(self) -> list[tuple]:
+        if self._items is None:
+            self._items = []
+            for j, item in enumerate(self.items):
+                rows = [_sample_slice(t, j) for t in self.targets]
+                self._items.append(_attach(item, rows[0] if len(rows) == 1 else rows))
+        return self._items
+
+
+def _concat_targets(parts: Sequence[Targets]) -> Targets:
+    """Per-token Targets of single sequences joined into one flat batch."""
+    first = parts[0]
+    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._tensors()}
+    return replace(first, **tensors)
+
+
 def _attach(item: Any, target: Any) -> tuple:
     """``(input, label)`` -> ``(input, label, target)``; a lone input -> ``(input, target)``."""
     return (*item, target) if isinstance(item, (tuple, list)) else (item, target)
@@ -128,6 +162,11 @@ class CachedDataset(torch.utils.data.Dataset):
                 + "): one input per item cannot match them all; use caches dumped with the same views and seed"
             )
         ((self.views, self.seed),) = replays
+        self.per_token = self.caches[0].per_token
+        if any(c.per_token != self.per_token for c in self.caches):
+            raise DatasetMismatchError("per-token and per-sample caches cannot be combined: their rows do not correspond")
+        if self.per_token:
+            self.seed = None  # a per-token cache's seed is its sampling seed, not a replay of the inputs
         self.view_fn: ViewFn = view_fn or default_view
         self.epoch = 0
         length = len(dataset)
@@ -191,6 +230,9 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: Any) -> tuple:
         """One item (slow path: prefer a DataLoader with a batch size, which calls :meth:`__getitems__`)."""
         samples, views = self._views_of([index])
+        if self.per_token:
+            targets = [c.sample_targets(samples) for c in self.caches]
+            return _attach(self._items(samples, views)[0], targets[0] if len(targets) == 1 else targets)
         rows = samples * self.views + views
         targets = [_TargetRow(cache.rows(rows), 0, cache.mode, cache.num_classes) for cache in self.caches]
         return _attach(self._items(samples, views)[0], targets[0] if len(targets) == 1 else targets)
@@ -198,6 +240,8 @@ class CachedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: Sequence[Any]) -> _Fetched:
         """A batch of items, reading each cache's rows once, chunk by chunk."""
         samples, views = self._views_of(list(indices))
+        if self.per_token:
+            return _FetchedTokens(self._items(samples, views), [c.sample_targets(samples) for c in self.caches], self.caches)
         rows = samples * self.views + views  # DESIGN.md: the row of sample i, view v
         return _Fetched(self._items(samples, views), [cache.rows(rows) for cache in self.caches], self.caches)
 
@@ -217,6 +261,11 @@ def collate(batch: Sequence[tuple]) -> tuple:
     """
     if not len(batch):
         raise UsageError("cannot collate an empty batch")
+    tokens = isinstance(batch, _FetchedTokens) or (
+        (not isinstance(batch, _Fetched) and isinstance(batch[0][-1], Targets))
+        or (isinstance(batch[0][-1], list) and isinstance(batch[0][-1][0], Targets)))
+    if tokens:
+        return _collate_tokens(batch)
     if isinstance(batch, _Fetched):  # the batched path: no per-item work
         head = default_collate(batch.items)
         targets = batch.targets
@@ -230,6 +279,27 @@ def collate(batch: Sequence[tuple]) -> tuple:
         paired = True
     target = targets[0] if single else targets
     return (*head, target) if paired else (head, target)
+
+
+def _collate_tokens(batch: Any) -> tuple:
+    """Per-token batches: ``(inputs, labels, Targets)``, inputs right-padded (tokens.collate_tokens),
+    Targets flat over the real tokens with ``lengths``; the lengths must agree with the cache's."""
+    if isinstance(batch, _FetchedTokens):
+        items, targets = batch.items, batch.targets
+    else:
+        items = [item[0] if len(item) == 2 else tuple(item[:-1]) for item in batch]
+        last = [item[-1] for item in batch]
+        many = isinstance(last[0], list)
+        targets = [_concat_targets([t[p] for t in last]) for p in range(len(last[0]))] if many else [_concat_targets(last)]
+    padded = collate_tokens(items)
+    for target in targets:
+        if not torch.equal(target.lengths.to(torch.int64), padded.lengths):
+            j = int((target.lengths.to(torch.int64) != padded.lengths).nonzero()[0, 0])
+            raise DatasetMismatchError(
+                f"sequence {j} of the batch has {int(padded.lengths[j])} tokens but the cache holds {int(target.lengths[j])} "
+                f"rows for it: the dataset is not the one the cache was dumped from"
+            )
+    return padded.inputs, padded.labels, targets[0] if len(targets) == 1 else targets
 
 
 def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -296,7 +366,7 @@ class ChunkShuffleSampler(Sampler[int]):
         """Blocks of one chunk and a window of half the chunk cache's slots; a plain permutation when
         the caches are in memory or their chunk caches hold every chunk."""
         cache = caches[0]
-        block = max(1, cache.chunk_rows // max(1, cache.manifest.views))
+        block = cache.samples_per_chunk
         kwargs.setdefault("with_epoch", any(c.manifest.views > 1 for c in caches))
         kwargs.setdefault("forward_to", [w for c in caches for w in c.wrappers()])
         if all(c.in_memory or c.slots >= c.num_chunks for c in caches):  # every chunk fits at once: any order is cheap

@@ -59,6 +59,8 @@ class Manifest:
     shards: list[ShardEntry] = field(default_factory=list)
     complete: bool = False
     m: int | None = None
+    #: sampled mode: the temperature of the distribution ids were drawn from (Ts).
+    sample_temperature: float = 1.0
     created_at: str = ""
     tool_version: str = ""
     torch_version: str = ""
@@ -120,6 +122,8 @@ class Manifest:
             raise bad("dtype", f"is {self.dtype!r}, expected one of {', '.join(VALUE_DTYPES)}")
         if self.mode == "topk" and not (isinstance(self.k, int) and 1 <= self.k <= self.num_classes):
             raise bad("k", f"is {self.k!r}, expected an integer in [1, num_classes={self.num_classes}]")
+        if self.mode == "sampled" and not (isinstance(self.m, int) and self.m >= 1):
+            raise bad("m", f"is {self.m!r}, expected a positive integer (draws per row) in a sampled cache")
         if self.views < 1:
             raise bad("views", f"is {self.views!r}, expected >= 1")
         if self.complete:

@@ -36,11 +36,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .compact import ENCODINGS, decode_arrays
 from .errors import CorruptShardError, IncompleteCacheError, TargetMismatchError, UsageError
 from .manifest import Manifest, path_exists, read_manifest
 from .store import ShardReader, get_backend
 from .store.base import URLPath, as_location
-from .targets import TARGET_ARRAYS, Targets
+from .targets import OPTIONAL_TARGET_ARRAYS, TARGET_ARRAYS, Targets
 
 if TYPE_CHECKING:
     from .loader import CachedDataset, ChunkShuffleSampler
@@ -143,12 +144,16 @@ class LogitCache(CacheReader):
         manifest = self.manifest
         if manifest.mode not in TARGET_ARRAYS:
             raise TargetMismatchError(f"{self.path}: mode {manifest.mode!r} caches cannot be read as training targets by this version")
-        if manifest.per_token:
-            raise TargetMismatchError(f"{self.path}: per-token caches cannot be read as per-sample targets by this version")
-        self.names = TARGET_ARRAYS[manifest.mode]
-        for name in self.names:
-            if name not in manifest.arrays:
-                raise CorruptShardError(f"{self.path}: the manifest lists no array {name!r}, which a {manifest.mode} cache must hold")
+        if manifest.encoding not in ENCODINGS:
+            raise TargetMismatchError(f"{self.path}: encoding {manifest.encoding!r} is not one this version reads ({', '.join(ENCODINGS)})")
+        if manifest.encoding == "plain":
+            for name in TARGET_ARRAYS[manifest.mode]:
+                if name not in manifest.arrays:
+                    raise CorruptShardError(f"{self.path}: the manifest lists no array {name!r}, which a {manifest.mode} cache must hold")
+            optional = [name for name in OPTIONAL_TARGET_ARRAYS.get(manifest.mode, ()) if name in manifest.arrays]
+            self.names: tuple[str, ...] = (*TARGET_ARRAYS[manifest.mode], *optional)
+        else:  # the stored arrays of the compact layout; rows() decodes them to the logical ones
+            self.names = tuple(name for name in manifest.arrays if name not in ("labels", "offsets"))
         self._row_shapes = {name: tuple(manifest.arrays[name]["row_shape"]) for name in self.names}
         self._dtypes = {name: np.dtype(manifest.arrays[name]["dtype"]) for name in self.names}
         self.in_memory = self.nbytes <= IN_MEMORY_BYTES if in_memory is None else bool(in_memory)
@@ -156,6 +161,8 @@ class LogitCache(CacheReader):
         self._memory: dict[str, np.ndarray] | None = None
         self._wrappers: list[weakref.ref] = []  # datasets wrapped with this cache (for set_epoch forwarding)
         self.chunk_starts = self._chunk_table()
+        #: Per-token caches: the global offsets, rows offsets[j]..offsets[j+1] for sample j (DESIGN.md).
+        self.offsets: np.ndarray | None = self._global_offsets() if manifest.per_token else None
         self._reset_slab()
 
     # -- shape of the cache ------------------------------------------------------------------
@@ -202,6 +209,49 @@ class LogitCache(CacheReader):
             [np.full(len(s), position, dtype=np.int64) for position, s in enumerate(starts)] + [np.zeros(0, np.int64)]
         )
         return table
+
+    def _global_offsets(self) -> np.ndarray:
+        """Each shard's local offsets shifted by its first row, in shard order, then ``num_rows``."""
+        parts = []
+        for position, entry in enumerate(self.manifest.shards):
+            local = self.shard(position).read("offsets")
+            expected = (entry.sample_stop - entry.sample_start) * self.manifest.views + 1
+            if len(local) != expected or local[0] != 0 or local[-1] != entry.row_stop - entry.row_start:
+                raise CorruptShardError(
+                    f"{self.path / entry.path}: offsets hold {len(local)} entries from {local[:1]} to {local[-1:]}; expected "
+                    f"{expected} from 0 to {entry.row_stop - entry.row_start}: the shard is damaged"
+                )
+            parts.append(local[:-1] + entry.row_start)
+        return np.concatenate([*parts, np.array([self.num_rows], dtype=np.int64)]).astype(np.int64)
+
+    @property
+    def per_token(self) -> bool:
+        return self.offsets is not None
+
+    def sample_rows(self, samples: Sequence[int] | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-token caches: the rows of ``samples`` (their tokens, sample after sample) and each one's row count."""
+        if self.offsets is None:
+            raise UsageError(f"{self.path}: sample_rows() is for per-token caches; this one has one row per sample and view")
+        samples = np.asarray(samples, dtype=np.int64).reshape(-1)
+        if len(samples) and (samples.min() < 0 or samples.max() >= self.num_samples):
+            bad = samples[(samples < 0) | (samples >= self.num_samples)][0]
+            raise UsageError(f"{self.path}: sample {int(bad)} is out of range; the cache has {self.num_samples} samples")
+        starts, lengths = self.offsets[samples], self.offsets[samples + 1] - self.offsets[samples]
+        # rows: for each sample, starts[i] + 0..lengths[i]-1, built without a Python loop
+        before = np.cumsum(lengths) - lengths
+        rows = np.repeat(starts - before, lengths) + np.arange(int(lengths.sum()), dtype=np.int64)
+        return rows, lengths
+
+    def sample_targets(self, samples: Sequence[int] | np.ndarray) -> Targets:
+        """Per-token caches: a flat :class:`Targets` of the tokens of ``samples``, with their ``lengths``."""
+        rows, lengths = self.sample_rows(samples)
+        return Targets.from_arrays(self.mode, self.num_classes, self.rows(rows), self.manifest.sample_temperature, lengths)
+
+    @property
+    def samples_per_chunk(self) -> int:
+        """About how many samples one chunk holds (a chunk-aware sampler's block)."""
+        rows_per_sample = self.num_rows / max(1, self.num_samples)
+        return max(1, round(self.chunk_rows / max(rows_per_sample, 1e-9)))
 
     # -- pickling and processes ---------------------------------------------------------------
 
@@ -286,10 +336,17 @@ class LogitCache(CacheReader):
             )
 
     def rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
-        """The target arrays at ``rows`` (in the order given), storage dtypes.
+        """The target arrays at ``rows`` (in the order given), storage dtypes, decoded to the format's
+        logical arrays when the cache uses a compact encoding.
 
         Each chunk the rows touch is read once, in chunk order, and the rows are gathered from it.
         """
+        stored = self._stored_rows(rows)
+        if self.manifest.encoding == "plain":
+            return stored
+        return decode_arrays(self.mode, stored, self.manifest.encoding, self.num_classes, self.manifest.dtype)
+
+    def _stored_rows(self, rows: Sequence[int] | np.ndarray) -> dict[str, np.ndarray]:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
         if len(rows) and (rows.min() < 0 or rows.max() >= self.num_rows):
             bad = rows[(rows < 0) | (rows >= self.num_rows)][0]
@@ -303,7 +360,7 @@ class LogitCache(CacheReader):
             out = {name: np.empty((len(rows), *self._row_shapes[name]), dtype=self._dtypes[name]) for name in self.names}
             for first in range(0, len(needed), self.slots):
                 piece = np.isin(chunk_of_row, needed[first : first + self.slots])
-                for name, values in self.rows(rows[piece]).items():
+                for name, values in self._stored_rows(rows[piece]).items():
                     out[name][piece] = values
             return out
         self._rows_served += len(rows)
@@ -313,7 +370,7 @@ class LogitCache(CacheReader):
 
     def targets(self, rows: Sequence[int] | np.ndarray) -> Targets:
         """A :class:`Targets` batch of ``rows`` (host tensors in the storage dtypes)."""
-        return Targets.from_arrays(self.mode, self.num_classes, self.rows(rows))
+        return Targets.from_arrays(self.mode, self.num_classes, self.rows(rows), self.manifest.sample_temperature)
 
     def register(self, wrapper: Any) -> None:
         """Remember a dataset wrapped with this cache, so the cache's sampler can forward ``set_epoch``."""

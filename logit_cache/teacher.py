@@ -1,6 +1,6 @@
 """Load a teacher from a checkpoint of any supported kind, in eval mode, with its fingerprint.
 
-A teacher reaches us in one of four shapes, told apart without unpickling anything:
+A teacher reaches us in one of five shapes, told apart without unpickling anything:
 
 * **state_dict** -- a ``torch.save`` of tensors (possibly nested in a training checkpoint: ``{"model": sd}``,
   ``{"model_state_dict": sd}``, PyTorch Lightning's ``{"state_dict": sd, "epoch": ...}``, Composer's
@@ -14,15 +14,22 @@ A teacher reaches us in one of four shapes, told apart without unpickling anythi
   traced in training mode stays in training mode (we warn when the graph holds such ops).
 * **pickle** -- a ``torch.save(model)`` of a whole ``nn.Module``. Unpickling it runs arbitrary code, so it
   is refused unless the caller passes ``trust_checkpoint=True`` (``--trust-checkpoint``).
+* **hf** -- ``hf:DIR``, a local Hugging Face ``transformers`` model directory written by ``save_pretrained``
+  (``config.json`` plus safetensors weights). Its config names the architecture; only causal language models
+  are supported, loaded with ``AutoModelForCausalLM`` from local files only (nothing is downloaded, no code
+  from the directory is run). Needs the ``hf`` extra (``pip install 'logit-cache[hf]'``).
 
-The teacher's identity in a cache is the SHA-256 of the checkpoint file (see ``fingerprint.py``), plus the
-``--arch`` spec and kwargs for state dicts, whose architecture lives outside the file.
+The teacher's identity in a cache is the SHA-256 of the checkpoint file (see ``fingerprint.py``), or of the
+whole model directory for ``hf:`` teachers (:func:`teacher_sha256`), plus the ``--arch`` spec and kwargs for
+state dicts, whose architecture lives outside the file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import pickle
 import re
 import warnings
@@ -40,12 +47,13 @@ from torch.export.passes import move_to_device_pass
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
+    MissingPackageError,
     SpecError,
     StateDictMismatchError,
     UntrustedCheckpointError,
     UsageError,
 )
-from .fingerprint import file_sha256
+from .fingerprint import _READ_BLOCK, file_sha256
 from .spec import resolve_callable
 
 logger = logging.getLogger(__name__)
@@ -60,6 +68,13 @@ _MAX_LISTED = 8
 #: Fragments of torch's weights-only error that mean "a Python object is pickled here" (as opposed to a
 #: corrupt or non-pickle file, which torch reports through the same exception type).
 _PICKLED_OBJECT_MARKERS = ("GLOBAL ", "unrecognized function", "Can only create new object", "Can only build")
+#: The prefix of a teacher spec naming a local Hugging Face model directory: ``hf:DIR``.
+HF_PREFIX = "hf:"
+#: What a Hugging Face model directory holds, for error messages.
+_HF_DIR_HOLDS = (
+    "a Hugging Face model directory (written by model.save_pretrained(DIR)) holds config.json and the weights "
+    "(model.safetensors, or model-0000N-of-0000M.safetensors shards with model.safetensors.index.json)"
+)
 
 
 @dataclass(frozen=True)
@@ -125,6 +140,44 @@ def detect_format(path: str | Path) -> str:
     )
 
 
+def is_hf_spec(spec: str | Path) -> bool:
+    """Whether a teacher spec names a Hugging Face model directory: a string ``"hf:DIR"`` (a Path never does)."""
+    return isinstance(spec, str) and spec.startswith(HF_PREFIX)
+
+
+def hf_dir(spec: str) -> Path:
+    """The directory of an ``"hf:DIR"`` spec (``~`` expanded); UsageError for any other spec or an empty DIR."""
+    if not is_hf_spec(spec):
+        raise UsageError(f"teacher spec {str(spec)!r} does not start with {HF_PREFIX!r}; expected hf:DIR")
+    rest = spec[len(HF_PREFIX) :]
+    if not rest:
+        raise UsageError(f"teacher spec {spec!r} names no directory; pass hf:DIR, DIR written by save_pretrained")
+    return Path(rest).expanduser()
+
+
+def teacher_sha256(spec: str | Path) -> str:
+    """The teacher's identity in a cache: SHA-256 hex digest (lowercase, as :func:`file_sha256` gives).
+
+    For a checkpoint file (or a directory passed without ``hf:``) it is :func:`file_sha256` of the path. For
+    ``"hf:DIR"`` it is one digest over the whole model directory, not only the weights: ``config.json`` shapes
+    the model as much as the weights do (a changed ``rope_theta``, ``layer_norm_eps``, activation or attention
+    setting gives other logits from the same tensors), and a sharded model spreads its weights over several
+    files. Definition: for each regular file under DIR (recursive, symlinks followed, skipping every path
+    with a component that starts with ``.`` or is ``__pycache__``), in the order of the sorted POSIX paths
+    relative to DIR, feed ``relative_path + "\\0" + str(size_in_bytes) + "\\0"`` (UTF-8), then the file's bytes.
+    The size makes the boundary between one file's bytes and the next path unambiguous; hidden entries are
+    skipped because tools keep caches there (``.cache/huggingface`` from ``hf download --local-dir``, ``.git``).
+
+    Raises CheckpointNotFoundError for a missing file or directory, CheckpointError when ``hf:`` names a file.
+    """
+    if is_hf_spec(spec):
+        return _directory_sha256(hf_dir(spec), str(spec))
+    path = Path(spec)
+    if not path.exists():
+        raise CheckpointNotFoundError(f"teacher checkpoint {str(spec)!r} does not exist; check the path")
+    return file_sha256(path)
+
+
 def load_teacher(
     path: str | Path,
     *,
@@ -139,6 +192,9 @@ def load_teacher(
     ``sha256`` is the file's hash when the caller already computed it (the dump hashes the file
     before loading, for the cache key); hashing a multi-GB teacher twice costs seconds.
 
+    ``path`` may also be ``"hf:DIR"``, a local Hugging Face causal LM directory (see :func:`_load_hf`); it
+    refuses ``arch`` and needs no ``trust_checkpoint`` (its weights are read without unpickling code).
+
     A state dict needs ``arch`` (``"module:callable"``, called with ``arch_kwargs``) and is loaded with
     ``strict=True``: a teacher with a missing or misshapen weight would silently produce wrong logits for
     the whole cache. TorchScript and ``torch.export`` archives carry their own architecture and refuse
@@ -150,8 +206,10 @@ def load_teacher(
         logits = teacher.module(images)  # (B, 10)
     """
     shown = str(path)
-    file = Path(path)
     kwargs = _check_arch_kwargs(arch_kwargs)
+    if is_hf_spec(path):
+        return _load_hf(shown, arch, kwargs, torch.device(device), sha256)
+    file = Path(path)
     if not file.exists():
         raise CheckpointNotFoundError(f"teacher checkpoint {shown!r} does not exist; check the path")
     if file.is_dir():
@@ -230,7 +288,11 @@ def _refuse_arch(shown: str, fmt: str, arch: str | None, kwargs: Mapping[str, An
     if arch is None and not kwargs:
         return
     given = "--arch" if arch is not None else "--arch-kwargs"
-    what = {"torchscript": "a TorchScript archive", "export": "a torch.export archive"}.get(fmt, "a pickled nn.Module")
+    what = {
+        "torchscript": "a TorchScript archive",
+        "export": "a torch.export archive",
+        "hf": "a Hugging Face model directory (its config.json names the architecture)",
+    }.get(fmt, "a pickled nn.Module")
     raise UsageError(
         f"teacher checkpoint {shown!r} is {what}, which carries its own architecture; drop {given} "
         f"(it is only for state-dict checkpoints)"
@@ -629,6 +691,143 @@ def _mismatch_message(fit: _Fit, shown: str, arch: str, kwargs: Mapping[str, Any
         f"{json.dumps(dict(kwargs))}: {'; '.join(parts)}. Check that --arch and --arch-kwargs build the model "
         f"these weights were saved from"
     )
+
+
+# --- Hugging Face model directories ----------------------------------------------------------------
+
+
+def _load_hf(spec: str, arch: str | None, kwargs: Mapping[str, Any], device: torch.device, sha256: str | None) -> Teacher:
+    """Load ``hf:DIR`` as a causal LM: local files only, no code from the directory, every weight from the files.
+
+    The model is loaded in float32 whatever dtype it was saved in (transformers 5 would otherwise keep the
+    saved dtype, 4.x casts to float32): the dump's ``--precision`` chooses a reduced compute dtype through
+    autocast, and a cache key without a precision means fp32 logits.
+    """
+    directory = hf_dir(spec)
+    _refuse_arch(spec, "hf", arch, kwargs)
+    if not directory.exists():
+        raise CheckpointNotFoundError(f"teacher {spec!r}: directory {str(directory)!r} does not exist; check the path")
+    if not directory.is_dir():
+        raise CheckpointError(
+            f"teacher {spec!r}: {str(directory)!r} is a file, not a directory; hf: takes a model directory "
+            f"({_HF_DIR_HOLDS}); for a checkpoint file drop the hf: prefix"
+        )
+    if not (directory / "config.json").is_file():
+        raise CheckpointError(f"teacher {spec!r}: {str(directory)!r} has no config.json, so it is not a model directory; {_HF_DIR_HOLDS}")
+    transformers = _import_transformers(spec)
+    model = _hf_causal_lm(transformers, directory, spec)
+    digest = sha256 or teacher_sha256(spec)
+    module = _prepare(model, device)
+    logger.info("loaded teacher %s: format=hf %s on %s", spec, type(model).__name__, device)
+    return Teacher(module=module, path=spec, sha256=digest, format="hf", layout="hf", arch=None, arch_kwargs={})
+
+
+def _import_transformers(spec: str) -> Any:
+    """``transformers``, imported only for ``hf:`` teachers (it takes seconds); MissingPackageError without it."""
+    try:
+        import transformers
+    except ImportError as exc:
+        raise MissingPackageError(
+            f"teacher {spec!r} is a Hugging Face model directory, which needs the transformers package ({exc}); "
+            f"install it with pip install 'logit-cache[hf]' (or pip install transformers)"
+        ) from exc
+    return transformers
+
+
+def _dtype_argument(transformers: Any) -> str:
+    """``from_pretrained``'s dtype keyword: ``dtype`` from transformers 4.56 on, ``torch_dtype`` before."""
+    found = re.match(r"(\d+)\.(\d+)", transformers.__version__)
+    version = (int(found.group(1)), int(found.group(2))) if found else (0, 0)
+    return "dtype" if version >= (4, 56) else "torch_dtype"
+
+
+def _hf_causal_lm(transformers: Any, directory: Path, spec: str) -> nn.Module:
+    """Read the config, check it describes a causal LM, load the weights, and refuse weights left random.
+
+    ``from_pretrained`` initialises every weight the files lack at random and only logs it (a base
+    ``BertModel`` directory loads as ``BertLMHeadModel`` with a random LM head); for a teacher that means
+    noise in the whole cache, so missing weights are an error here, as ``strict=True`` is for state dicts.
+    """
+    where = str(directory)
+    try:
+        config = transformers.AutoConfig.from_pretrained(where, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot read the config of teacher {spec!r} ({where}/config.json): {_last_line(str(exc))}; models whose "
+            f"code lives in the directory (trust_remote_code) are not supported"
+        ) from exc
+    model_type = getattr(config, "model_type", None)
+    architectures = getattr(config, "architectures", None)
+    described = f"model_type {model_type!r}, architectures {architectures}"
+    if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise CheckpointError(
+            f"teacher {spec!r}: {where} holds a model that is not a causal language model ({described}); only "
+            f"causal LMs (models AutoModelForCausalLM loads: GPT-2, Llama, Mistral, Qwen...) are supported as hf: teachers"
+        )
+    try:
+        model, info = transformers.AutoModelForCausalLM.from_pretrained(
+            where,
+            config=config,
+            local_files_only=True,
+            trust_remote_code=False,
+            output_loading_info=True,
+            **{_dtype_argument(transformers): torch.float32},
+        )
+    except Exception as exc:
+        raise CheckpointError(f"cannot load teacher {spec!r} ({described}): {_last_line(str(exc))}; {_HF_DIR_HOLDS}") from exc
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(entry[0] if isinstance(entry, tuple) else entry) for entry in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        parts = [f"missing ({len(missing)}): {_listed(missing)}"] if missing else []
+        parts += [f"shape mismatch ({len(mismatched)}): {_listed(mismatched)}"] if mismatched else []
+        raise CheckpointError(
+            f"teacher {spec!r} ({described}) does not hold every weight of {type(model).__name__}: {'; '.join(parts)}. "
+            f"transformers would initialise these at random and the logits would be noise; save the whole causal LM "
+            f"(the ...ForCausalLM / ...LMHeadModel model, with its LM head) with save_pretrained"
+        )
+    unexpected = sorted(info.get("unexpected_keys") or ())
+    if unexpected:
+        used_by = type(model).__name__
+        logger.info("teacher %s: %d weights in the files are not used by %s: %s", spec, len(unexpected), used_by, _listed(unexpected))
+    # A teacher scores each batch once and never generates: a KV cache returned with every output would only
+    # hold memory until the batch's logits are taken. This is the instance's config, nothing global.
+    model.config.use_cache = False
+    return model
+
+
+def _skipped(name: str) -> bool:
+    return name.startswith(".") or name == "__pycache__"
+
+
+def _directory_sha256(directory: Path, spec: str) -> str:
+    """The ``hf:DIR`` digest defined in :func:`teacher_sha256`."""
+    if not directory.exists():
+        raise CheckpointNotFoundError(f"teacher {spec!r}: directory {str(directory)!r} does not exist; check the path")
+    if not directory.is_dir():
+        raise CheckpointError(f"teacher {spec!r}: {str(directory)!r} is a file, not a directory; for a checkpoint file drop the hf: prefix")
+    files: list[tuple[str, Path]] = []
+    seen: set[str] = set()  # real paths of the directories walked: a symlink loop is entered once
+    for root, dirs, names in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [name for name in dirs if not _skipped(name)]
+        for name in names:
+            file = Path(root, name)
+            if not _skipped(name) and file.is_file():
+                files.append((file.relative_to(directory).as_posix(), file))
+    digest = hashlib.sha256()
+    try:
+        for relative, file in sorted(files):
+            with open(file, "rb") as handle:
+                digest.update(f"{relative}\0{os.fstat(handle.fileno()).st_size}\0".encode())
+                while block := handle.read(_READ_BLOCK):
+                    digest.update(block)
+    except OSError as exc:
+        raise CheckpointError(f"cannot read teacher {spec!r} to hash it: {exc}") from exc
+    return digest.hexdigest()
 
 
 # --- ready for inference ----------------------------------------------------------------------------

@@ -211,6 +211,10 @@ def train(config: TrainConfig) -> TrainResult:
 
     # -- data: the dataset, and where the soft targets come from ---------------------------------
     data = resolve_dataset(config.dataset, config.dataset_kwargs)
+    if data.per_token:  # a language model's data: the token-level loop
+        from .train_lm import train_tokens
+
+        return train_tokens(config, data, device)
     if config.org_loss_weight and config.source != "labels" and not data.has_labels:
         raise UsageError(f"--dataset {config.dataset!r} has no labels: set --org-loss-weight 0 to train on the teacher alone")
     if config.labels_only and not data.has_labels:
@@ -314,7 +318,14 @@ def train(config: TrainConfig) -> TrainResult:
                  f", eval accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
                  f", eval KL {record['eval_kl']:.4f}" if "eval_kl" in record else "", seconds)
 
-    # -- save: the weights, how they were trained, the metrics ----------------------------------------
+    return save_student(config, student, history, train_seconds, teacher_seconds, temperature, caches, teacher, device)
+
+
+def save_student(config: TrainConfig, student: nn.Module, history: list[dict[str, Any]], train_seconds: float,
+                 teacher_seconds: float, temperature: float | None, caches: list[LogitCache], teacher: Any,
+                 device: torch.device) -> TrainResult:
+    """Save the weights (atomically), the metrics and the sidecar that says how they were trained."""
+    out = Path(config.out)
     sidecar, metrics_path = out.with_suffix(".json"), Path(config.metrics) if config.metrics else out.with_suffix(".metrics.json")
     partial = out.with_name(out.name + ".partial")
     torch.save(student.state_dict(), partial)

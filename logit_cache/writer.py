@@ -62,7 +62,7 @@ class ShardPlan:
 
     def planned_rows(self, specs: list[ArraySpec]) -> dict[str, int]:
         """How many rows each array of this shard holds: per cache row, or per sample."""
-        planned = {"row": self.num_rows, "sample": self.num_samples}
+        planned = {"row": self.num_rows, "sample": self.num_samples, "offsets": self.num_samples + 1}
         return {spec.name: planned[spec.per] for spec in specs if spec.per in planned}
 
 
@@ -74,6 +74,20 @@ def plan_shards(num_samples: int, views: int, shard_rows: int) -> list[ShardPlan
     for index, start in enumerate(range(0, num_samples, samples_per_shard)):
         stop = min(num_samples, start + samples_per_shard)
         plans.append(ShardPlan(index, start, stop, start * views, stop * views))
+    return plans
+
+
+def plan_token_shards(lengths: np.ndarray, shard_rows: int) -> list[ShardPlan]:
+    """Cut samples of ``lengths`` rows each (tokens) into shards of at most ``shard_rows`` rows, at
+    sample boundaries; a sample longer than ``shard_rows`` gets a shard of its own."""
+    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
+    starts = ends - lengths
+    plans: list[ShardPlan] = []
+    first = 0
+    while first < len(ends):
+        stop = max(first + 1, int(np.searchsorted(ends, starts[first] + shard_rows, side="right")))
+        plans.append(ShardPlan(len(plans), first, stop, int(starts[first]), int(ends[stop - 1])))
+        first = stop
     return plans
 
 
@@ -153,7 +167,8 @@ def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: boo
 
 
 #: Fields that must agree between an unfinished dump and the one resuming it.
-_RESUME_FIELDS = ("key", "backend", "mode", "k", "dtype", "num_classes", "num_rows", "chunk_rows", "shard_rows", "arrays")
+_RESUME_FIELDS = ("key", "backend", "mode", "k", "m", "sample_temperature", "encoding", "per_token", "dtype", "num_classes",
+                  "num_rows", "chunk_rows", "shard_rows", "arrays")
 
 
 def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], backend: Backend, overwrite: bool) -> Manifest:
