@@ -530,7 +530,15 @@ def _probe_classes(teacher: Teacher, prepared: _Prepared) -> int:
     else:
         inputs, _ = split_batch(default_collate([prepared.resolved.dataset[0]]), prepared.resolved.has_labels)
     with torch.inference_mode(), autocast_for(prepared.device, prepared.config.precision):
-        logits = run_teacher(teacher.module, to_device(inputs, prepared.device))
+        try:
+            logits = _call_teacher(teacher.module, to_device(inputs, prepared.device), [0])
+        except TeacherOutputError as exc:
+            if not per_token:
+                raise
+            raise TeacherOutputError(
+                f"{exc}. --dataset {prepared.config.dataset!r} holds token sequences: the teacher must take token ids "
+                f"(batch, tokens) and return logits [batch, tokens, vocab]"
+            ) from exc
     if per_token:
         length = int(batch.lengths[0])
         if logits.dim() != 3 or logits.shape[:2] != (1, length) or logits.shape[2] < 1:
@@ -735,8 +743,11 @@ def _copy_to_host(encoded: Any, device: torch.device) -> tuple[dict[str, torch.T
 
 def _sample_seed(seed: int | None, index: int) -> int:
     """The sampled mode's generator seed for dataset item ``index``: draws depend on the item, not on
-    the batch it falls in, so resumed, multi-rank and differently batched dumps draw the same ids."""
-    return ((seed or 0) << 40) + index
+    the batch it falls in, so resumed, multi-rank and differently batched dumps draw the same ids.
+
+    32 bits: torch's CPU generator keeps only the low 32 bits of a seed. Items get distinct seeds
+    (up to 2^32 of them); the dump's seed shifts them all by a large odd multiple."""
+    return (index + (seed or 0) * 0x9E3779B1) & 0xFFFFFFFF
 
 
 def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int], config: DumpConfig) -> Any:

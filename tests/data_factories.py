@@ -204,3 +204,57 @@ def dump_digits(root: Path, teacher: Path, name: str, dataset: str = "digits", d
                                             dataset=dataset, dataset_kwargs=dataset_kwargs or {}, out=str(out), shard_rows=shard_rows,
                                             quiet=True, **options))
     return out
+
+
+# -- token sequences (language-model caches) ------------------------------------------------------------
+
+
+class RaggedTokens(Dataset):
+    """Sequences of 1..max_len random ids. ``style``: "ids" (a 1-D tensor), "pair" ((ids, labels) with
+    some labels -100) or "dict" ({input_ids, attention_mask} padded with zeros to max_len)."""
+
+    def __init__(self, n: int = 40, vocab: int = 50, max_len: int = 12, seed: int = 0, style: str = "ids") -> None:
+        rng = np.random.default_rng(seed)
+        self.lengths = rng.integers(1, max_len + 1, size=n)
+        self.seqs = [torch.from_numpy(rng.integers(0, vocab, size=int(length))) for length in self.lengths]
+        self.max_len, self.style = max_len, style
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def __getitem__(self, index: int):
+        ids = self.seqs[index]
+        if self.style == "pair":
+            labels = ids.clone()
+            labels[: len(ids) // 3] = -100
+            return ids, labels
+        if self.style == "dict":
+            padded = torch.zeros(self.max_len, dtype=torch.int64)
+            padded[: len(ids)] = ids
+            mask = torch.zeros(self.max_len, dtype=torch.int64)
+            mask[: len(ids)] = 1
+            return {"input_ids": padded, "attention_mask": mask}
+        return ids
+
+
+def ragged_tokens(**kwargs) -> RaggedTokens:
+    return RaggedTokens(**kwargs)
+
+
+class CausalBag(nn.Module):
+    """A tiny causal LM whose logits at t depend on ids[:t+1] only (a running mean of embeddings), so
+    right padding cannot change a real token's logits; accepts ids positionally or as input_ids=."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8, scale: float = 3.0) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.head = nn.Linear(dim, vocab)
+        self.scale = scale
+
+    def forward(self, input_ids, attention_mask=None):
+        hidden = self.embed(input_ids).cumsum(dim=1) / torch.arange(1, input_ids.shape[1] + 1)[None, :, None]
+        return self.head(hidden) * self.scale  # (B, T, V)
+
+
+def causal_bag(vocab: int = 50, dim: int = 8, scale: float = 3.0) -> CausalBag:
+    return CausalBag(vocab, dim, scale)
