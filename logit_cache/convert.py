@@ -64,7 +64,7 @@ from .writer import move_into_place, partial_path, remove_path
 log = logging.getLogger(__name__)
 
 #: Arrays holding logit values: the only ones whose dtype ``--dtype`` changes.
-VALUE_ARRAYS = ("logits", "topk_logits")
+VALUE_ARRAYS = ("logits", "topk_logits", "sampled_logits")
 #: About this many bytes of one array are read (and written) per block.
 BLOCK_BYTES = 32 << 20
 #: How many offending rows an overflow error lists.
@@ -100,6 +100,9 @@ def _key(manifest: Manifest, dtype_field: str) -> str:
         dtype=dtype_field,
         format_version=FORMAT_VERSION,
         precision=str(manifest.dump.get("precision", "fp32")),  # as the dump keyed it
+        m=manifest.m,
+        sample_temperature=manifest.sample_temperature,
+        encoding=manifest.encoding,
     )
 
 
@@ -323,6 +326,9 @@ def convert(
             )
         if source.encoding != "plain":
             raise CacheFormatError(f"{src}: encoding {source.encoding!r} cannot be converted by this version (only 'plain')")
+        if dtype != source.dtype and source.encoding != "plain":
+            raise UsageError(f"{src}: a {source.encoding}-encoded cache stores quantized values, not {source.dtype} ones: "
+                             f"--dtype cannot change them; convert only its --format, or dump again with --dtype {dtype}")
         if dtype != source.dtype and not any(name in source.arrays for name in VALUE_ARRAYS):
             raise UsageError(f"{src}: a {source.mode} cache holds no logit values ({', '.join(VALUE_ARRAYS)}) whose dtype could change")
         _check_paths(src, dst)

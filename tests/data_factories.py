@@ -7,6 +7,7 @@ pytest, in CliRunner and in subprocesses (torchrun, kill -9 tests).
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -258,3 +259,22 @@ class CausalBag(nn.Module):
 
 def causal_bag(vocab: int = 50, dim: int = 8, scale: float = 3.0) -> CausalBag:
     return CausalBag(vocab, dim, scale)
+
+
+class FlakyBag(CausalBag):
+    """:class:`CausalBag` that raises on its N-th forward call when ``FLAKY_BAG_CALLS=N`` is set: a dump
+    that dies midway, for resume tests (the environment is not part of the cache key)."""
+
+    calls = 0
+
+    def forward(self, input_ids, attention_mask=None):
+        FlakyBag.calls += 1
+        limit = os.environ.get("FLAKY_BAG_CALLS")
+        if limit is not None and FlakyBag.calls >= int(limit):
+            raise RuntimeError(f"flaky teacher: call {FlakyBag.calls}")
+        return super().forward(input_ids, attention_mask)
+
+
+def flaky_bag(vocab: int = 50, dim: int = 8, scale: float = 3.0) -> FlakyBag:
+    FlakyBag.calls = 0
+    return FlakyBag(vocab, dim, scale)

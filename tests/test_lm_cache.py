@@ -255,3 +255,39 @@ def test_a_per_sample_teacher_on_token_data_is_refused(tmp_path: Path, cli, teac
     result = cli("dump", "--teacher", teacher, "--arch", "logit_cache.models:digits_mlp", "--arch-kwargs", '{"hidden": 32}',
                  "--dataset", spec("ragged_tokens"), "--out", tmp_path / "c", "--topk", "3")
     assert result.exit_code != 0 and "return logits [batch, tokens, vocab]" in result.output
+
+
+def test_a_dump_that_died_midway_resumes_to_the_same_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sampled draws too: they are seeded per sequence, so the resumed shards draw what an uninterrupted dump draws."""
+    teacher, _ = _teacher(tmp_path)
+    flaky = dict(arch=spec("flaky_bag"), arch_kwargs={"vocab": VOCAB}, dataset=spec("ragged_tokens"), dataset_kwargs={"vocab": VOCAB},
+                 teacher=str(teacher), mode="sampled", m=20, shard_rows=40, batch_size=2, quiet=True)
+    whole = dump(DumpConfig(out=str(tmp_path / "whole"), **flaky)).out
+    monkeypatch.setenv("FLAKY_BAG_CALLS", "12")
+    with pytest.raises(Exception, match="flaky teacher"):
+        dump(DumpConfig(out=str(tmp_path / "resumed"), **flaky))
+    kept = sorted((tmp_path / "resumed.partial" / "progress").iterdir())
+    assert 0 < len(kept) < len(json.loads((whole / "manifest.json").read_text())["shards"])
+    monkeypatch.delenv("FLAKY_BAG_CALLS")
+    result = dump(DumpConfig(out=str(tmp_path / "resumed"), resume=True, **flaky))
+    assert result.resumed_shards == len(kept)
+    a, b = json.loads((whole / "manifest.json").read_text()), json.loads((result.out / "manifest.json").read_text())
+    assert [s["checksum"] for s in a["shards"]] == [s["checksum"] for s in b["shards"]]
+    for name in ("sampled_indices", "sampled_counts", "logsumexp"):
+        np.testing.assert_array_equal(read_plain(whole, name), read_plain(result.out, name))
+    np.testing.assert_array_equal(_global_offsets(whole), _global_offsets(result.out))
+
+
+def test_convert_carries_per_token_caches_and_their_sampled_logits(tmp_path: Path) -> None:
+    from logit_cache import convert_cache
+
+    teacher, _ = _teacher(tmp_path)
+    src = _dump(tmp_path, teacher, "s16", mode="sampled", m=12, sample_temperature=2.0, shard_rows=70)
+    h5 = convert_cache(src, tmp_path / "s16-h5", backend="hdf5")
+    wide = convert_cache(src, tmp_path / "s32", dtype="float32")
+    assert h5.manifest.key == json.loads((src / "manifest.json").read_text())["key"]
+    direct32 = _dump(tmp_path, teacher, "direct32", mode="sampled", m=12, sample_temperature=2.0, dtype="float32")
+    assert wide.manifest.key != json.loads((direct32 / "manifest.json").read_text())["key"]  # float16-rounded values: not a float32 dump
+    assert read_plain(wide.dst, "sampled_logits").dtype == np.float32
+    np.testing.assert_array_equal(read_plain(wide.dst, "sampled_logits"), read_plain(src, "sampled_logits").astype(np.float32))
+    np.testing.assert_array_equal(_global_offsets(h5.dst), _global_offsets(src))
