@@ -225,3 +225,33 @@ def test_missing_transformers(tiny, monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` now raises ImportError
     with pytest.raises(MissingPackageError, match=r"needs the transformers package.*pip install 'logit-cache\[hf\]'"):
         load_teacher(f"hf:{tiny}")
+
+
+def test_dump_an_hf_teacher_over_token_windows_from_the_cli(tiny: Path, tmp_path: Path, cli) -> None:
+    """`logit-cache dump --teacher hf:DIR --dataset tokens:PATH.npy --topk K`: rows equal the model's own
+    top-k on each window, run alone; the key names the directory's digest."""
+    import json
+
+    import numpy as np
+
+    from logit_cache.teacher import teacher_sha256
+
+    flat = np.random.default_rng(0).integers(0, 300, size=150).astype(np.int32)
+    np.save(tmp_path / "ids.npy", flat)
+    out = tmp_path / "cache"
+    result = cli("dump", "--teacher", f"hf:{tiny}", "--dataset", f"tokens:{tmp_path / 'ids.npy'}", "--dataset-kwargs",
+                 '{"seq_len": 32, "stride": 24}', "--topk", "5", "--dtype", "float32", "--out", out, "--batch-size", "4", "-q")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["teacher"]["format"] == "hf" and manifest["teacher"]["sha256"] == teacher_sha256(f"hf:{tiny}")
+    model = reference(tiny)
+    starts = range(0, len(flat) - 1, 24)
+    with torch.no_grad():
+        expected = torch.cat([model(torch.from_numpy(flat[s : s + 32].astype(np.int64))[None]).logits[0] for s in starts])
+    assert manifest["num_rows"] == len(expected)
+    from logit_cache import open_reader
+
+    cache = open_reader(out)
+    top = torch.topk(expected, 5, dim=-1)
+    np.testing.assert_allclose(cache.read("topk_logits"), top.values.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(cache.read("topk_indices"), top.indices.numpy())
