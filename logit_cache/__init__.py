@@ -17,7 +17,10 @@ from .manifest import Manifest, read_manifest
 from .reader import CacheReader, LogitCache, open_cache, open_reader
 from .targets import Targets
 from .teacher import Teacher, load_teacher
+from .token_losses import masked_token_logits, token_kd_loss
+from .tokens import collate_tokens, next_token_mask
 from .train import TrainConfig, TrainResult, train
+from .train_lm import token_losses
 from .verify import verify_cache
 
 __all__ = [
@@ -36,14 +39,19 @@ __all__ = [
     "TrainConfig",
     "TrainResult",
     "__version__",
+    "collate_tokens",
     "convert_cache",
     "dump",
     "kd_loss",
     "list_caches",
     "load_teacher",
+    "masked_token_logits",
+    "next_token_mask",
     "open_cache",
     "open_reader",
     "read_manifest",
+    "token_kd_loss",
+    "token_losses",
     "train",
     "verify_cache",
 ]
