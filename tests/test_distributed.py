@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 import zarr
 from data_factories import spec
 
@@ -187,3 +188,25 @@ def test_torchrun_error_on_one_rank_stops_all_then_resumes(tmp_path: Path, teach
     assert ref_code == 0, ref_stderr
     # Another dataset spec, so another key; the same items, so the same arrays and shard checksums.
     assert_same_content(out, tmp_path / "single", same_key=False)
+
+
+def test_torchrun_per_token_sampled_dump_equals_single_process(tmp_path: Path) -> None:
+    """Ranks write per-token shards (shard-local offsets) and draw the same ids a single process draws."""
+    import data_factories
+
+    torch.manual_seed(0)
+    teacher = tmp_path / "bag.pt"
+    torch.save(data_factories.causal_bag(vocab=50).state_dict(), teacher)
+
+    def args(out: Path) -> list[str]:
+        return ["-m", "logit_cache", "dump", "--teacher", str(teacher), "--arch", spec("causal_bag"), "--arch-kwargs", '{"vocab": 50}',
+                "--dataset", spec("ragged_tokens"), "--dataset-kwargs", '{"vocab": 50}', "--shard-rows", "40", "--sample", "16",
+                "--device", "cpu", "--quiet", "--out", str(out)]
+
+    reference = single(args(tmp_path / "single"))
+    code, _, stderr = finish(torchrun(args(tmp_path / "ranks")))
+    assert code == 0, stderr
+    assert finish(reference)[0] == 0
+    got, want = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ranks", "single"))
+    assert got["dump"]["world_size"] == 2 and got["per_token"] is True and len(got["shards"]) > 2
+    assert got["key"] == want["key"] and got["shards"] == want["shards"]  # same ranges and checksums

@@ -291,3 +291,11 @@ def test_convert_carries_per_token_caches_and_their_sampled_logits(tmp_path: Pat
     assert read_plain(wide.dst, "sampled_logits").dtype == np.float32
     np.testing.assert_array_equal(read_plain(wide.dst, "sampled_logits"), read_plain(src, "sampled_logits").astype(np.float32))
     np.testing.assert_array_equal(_global_offsets(h5.dst), _global_offsets(src))
+
+
+def test_full_mode_states_its_size_before_it_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    teacher, _ = _teacher(tmp_path)
+    rows = int(RaggedTokens(vocab=VOCAB).lengths.sum())
+    with caplog.at_level("WARNING", logger="logit_cache.dump"):
+        _dump(tmp_path, teacher, "full-size", mode="full")
+    assert f"--full stores every logit: {rows} rows x {VOCAB} classes x 2 B" in caplog.text
