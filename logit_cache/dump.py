@@ -752,16 +752,38 @@ def _sample_seed(seed: int | None, index: int) -> int:
 
 def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int], config: DumpConfig) -> Any:
     """Encode the real tokens of a right-padded batch, (B, T, V) -> rows (sum(lengths), ...), a
-    chunk of at most TOKEN_CHUNK tokens at a time (float32 work stays bounded for any T and V)."""
-    parts = []
-    for row, (length, index) in enumerate(zip(lengths, indices, strict=True)):
-        tokens = logits[row, :length]  # (L, V), a view
-        generator = None
-        if config.mode == "sampled":
+    chunk of at most TOKEN_CHUNK tokens at a time (float32 work stays bounded for any T and V).
+
+    Top-k and full: the padded (B * T, V) view is encoded in chunks (a few large operations
+    instead of a few per sequence), then the real tokens' rows are kept. Sampled: sequence by
+    sequence, each with its own generator (draws independent of the batching).
+    """
+    if config.mode == "sampled":
+        parts = []
+        for row, (length, index) in enumerate(zip(lengths, indices, strict=True)):
+            tokens = logits[row, :length]  # (L, V), a view
             generator = torch.Generator(device=logits.device).manual_seed(_sample_seed(config.seed, index))
-        for start in range(0, length, TOKEN_CHUNK):
-            parts.append(encode(tokens[start : start + TOKEN_CHUNK], config.mode, config.k, config.dtype, m=config.m,
-                                sample_temperature=config.sample_temperature, generator=generator))
+            for start in range(0, length, TOKEN_CHUNK):
+                parts.append(encode(tokens[start : start + TOKEN_CHUNK], config.mode, None, config.dtype, m=config.m,
+                                    sample_temperature=config.sample_temperature, generator=generator))
+        return _concat_encoded(parts)
+    batch, width, vocab = logits.shape
+    flat = logits.reshape(batch * width, vocab)  # a view: no copy
+    encoded = _concat_encoded([encode(flat[start : start + TOKEN_CHUNK], config.mode, config.k, config.dtype)
+                               for start in range(0, len(flat), TOKEN_CHUNK)])
+    if sum(lengths) == batch * width:  # no padding
+        return encoded
+    real = torch.arange(width, device=logits.device)[None, :] < torch.tensor(lengths, device=logits.device)[:, None]
+    keep = real.reshape(-1).nonzero().squeeze(1)  # (N,) rows of the real tokens, b-major
+    arrays = {name: tensor.index_select(0, keep) for name, tensor in encoded.arrays.items()}
+    if config.mode == "topk":
+        mass = torch.exp(arrays["topk_logits"].float() - arrays["logsumexp"][:, None]).sum()
+    else:
+        mass = logits.new_full((), float(len(keep)), dtype=torch.float32)
+    return type(encoded)(arrays, encoded.nonfinite.index_select(0, keep), encoded.overflow.index_select(0, keep), mass)
+
+
+def _concat_encoded(parts: list[Any]) -> Any:
     if len(parts) == 1:
         return parts[0]
     first = parts[0]
@@ -769,7 +791,7 @@ def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int],
         {name: torch.cat([p.arrays[name] for p in parts]) for name in first.arrays},
         torch.cat([p.nonfinite for p in parts]),
         torch.cat([p.overflow for p in parts]),
-        torch.stack([p.topk_mass for p in parts]).sum(),
+        torch.stack([p.topk_mass.float() for p in parts]).sum(),
     )
 
 

@@ -26,6 +26,7 @@ import queue
 import shutil
 import threading
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -254,10 +255,14 @@ _STOP = object()
 class ShardedWriter:
     """A writer thread fed through a bounded queue.
 
-    ``submit(plan, produce)`` queues a callable that returns the batch's host arrays (it runs in
-    the writer thread, so waiting for a device copy or converting dtypes happens off the main
-    thread); ``end_shard(plan)`` closes the shard after its last batch. Errors raised in the
-    thread come back to the caller on its next call.
+    ``submit(plan, produce)`` queues a callable that returns the batch's host arrays; ``end_shard(plan)``
+    closes the shard after its last batch. Errors raised off the main thread come back to the
+    caller on its next call.
+
+    The callables run in a small thread pool (``producers`` threads), in parallel and off the main
+    thread: waiting for a device copy, narrowing dtypes and compact encoding (numpy, which releases
+    the GIL) would otherwise serialise with the writing. The writer thread takes their results in
+    submission order, so shards are written exactly as with one thread.
     """
 
     def __init__(
@@ -268,6 +273,7 @@ class ShardedWriter:
         chunk_rows: int,
         attrs: Mapping[str, Any],
         max_pending: int = 8,
+        producers: int | None = None,
     ) -> None:
         self.directory = directory
         self.backend = backend
@@ -276,6 +282,8 @@ class ShardedWriter:
         self.attrs = dict(attrs)
         self.entries: list[ShardEntry] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        workers = producers if producers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="logit-cache-encode")
         self._error: BaseException | None = None
         self._current: tuple[ShardPlan, ShardWriter] | None = None
         (directory / PROGRESS_DIR).mkdir(parents=True, exist_ok=True)
@@ -284,7 +292,8 @@ class ShardedWriter:
 
     # -- main-thread side ---------------------------------------------------------------------
     def submit(self, plan: ShardPlan, produce: Callable[[], Mapping[str, np.ndarray]]) -> None:
-        self._put(("batch", plan, produce))
+        self._raise_if_failed()
+        self._put(("batch", plan, self._pool.submit(produce)))
 
     def end_shard(self, plan: ShardPlan) -> None:
         self._put(("end", plan, None))
@@ -339,12 +348,13 @@ class ShardedWriter:
             while (item := self._queue.get()) is not _STOP:
                 kind, plan, produce = item
                 if kind == "batch":
-                    self._writer_for(plan).append(produce())
+                    self._writer_for(plan).append(produce.result())
                 else:
                     self._close_shard(plan)
         except BaseException as exc:  # handed to the main thread by _raise_if_failed
             self._error = exc
         finally:
+            self._pool.shutdown(wait=True, cancel_futures=True)
             if self._current is not None:  # stopped with a shard open: close the files, leave it .partial
                 try:
                     self._current[1].close()

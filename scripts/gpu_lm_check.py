@@ -26,9 +26,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dump import machine_info
 
-from logit_cache.dump import DumpConfig, autocast_for, dump
+from logit_cache.compact import encode_arrays
+from logit_cache.dump import DumpConfig, _encode_tokens, array_specs, autocast_for, dump
 from logit_cache.models import tiny_lm
 from logit_cache.reader import open_reader
+from logit_cache.store import get_backend
 from logit_cache.tokens import TokenWindows, collate_tokens
 
 COMPACT = "--no-compact" not in sys.argv
@@ -49,6 +51,46 @@ def bare_tokens_per_second(model: torch.nn.Module, windows: TokenWindows, batch_
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return tokens / (time.perf_counter() - started)
+
+
+def encode_tokens_per_second(model: torch.nn.Module, windows: TokenWindows, config: DumpConfig, device: torch.device) -> float:
+    """The dump's device work without writing: teacher, per-token encoding, copies to the host."""
+    loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size, collate_fn=collate_tokens,
+                                         pin_memory=device.type == "cuda", num_workers=2 if device.type == "cuda" else 0)
+    tokens, first = 0, 0
+    started = time.perf_counter()
+    with torch.inference_mode():
+        for batch in loader:
+            with autocast_for(device, config.precision):
+                logits = model(batch.inputs.to(device, non_blocking=True))
+            lengths = batch.lengths.tolist()
+            encoded = _encode_tokens(logits, lengths, list(range(first, first + len(lengths))), config)
+            host = [t.to("cpu", non_blocking=True) for t in encoded.arrays.values()]
+            first += len(lengths)
+            tokens += sum(lengths)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    del host
+    return tokens / (time.perf_counter() - started)
+
+
+def write_rows_per_second(cache_dir: Path, out: Path, encoding: str) -> float:
+    """The writer's part alone: a cache's stored rows appended to a new shard (Zarr), with the
+    compact encoding applied on the way when asked (what the dump's producer threads do)."""
+    reader = open_reader(cache_dir)
+    manifest = reader.manifest
+    names = [n for n in ("topk_logits", "topk_indices", "logsumexp", "sampled_indices", "sampled_counts") if n in manifest.arrays]
+    arrays = {name: reader.read(name) for name in names}
+    rows = len(arrays["logsumexp"])
+    k = manifest.k or manifest.m
+    specs = array_specs(manifest.mode, k, manifest.num_classes, manifest.dtype, False, manifest.num_samples, encoding=encoding)
+    writer = get_backend("zarr").create(out, specs, manifest.chunk_rows, {})
+    started = time.perf_counter()
+    for start in range(0, rows, 16384):
+        part = {name: value[start : start + 16384] for name, value in arrays.items()}
+        writer.append(encode_arrays(manifest.mode, part, encoding, manifest.num_classes) if encoding != "plain" else part)
+    writer.close()
+    return rows / (time.perf_counter() - started)
 
 
 def main() -> int:
@@ -93,6 +135,17 @@ def main() -> int:
             print(f"{name:14s} dump {tps:12,.0f} tok/s   bare {bare:12,.0f} tok/s   time ratio {bare / tps:5.2f}   "
                   f"{rows[-1]['bytes_per_token']:.1f} B/token", flush=True)
         report["speed"] = rows
+        # where the time goes: the device part alone, and the writer's part alone
+        parts = {}
+        for name, extra in [("top64", {"mode": "topk", "k": 64}), ("sample50", {"mode": "sampled", "m": 50})]:
+            config = DumpConfig(out="unused", precision="bf16", **common, **extra).resolved()
+            parts[f"{name}_device_tokens_per_s"] = encode_tokens_per_second(model, windows, config, device)
+        parts["top64_write_plain_rows_per_s"] = write_rows_per_second(root / "top64", root / "w1.zarr", "plain")
+        parts["top64_write_compact_rows_per_s"] = write_rows_per_second(root / "top64", root / "w2.zarr", "compact")
+        parts["sample50_write_plain_rows_per_s"] = write_rows_per_second(root / "sample50", root / "w3.zarr", "plain")
+        report["breakdown"] = parts
+        for name, value in parts.items():
+            print(f"{name:34s} {value:12,.0f}", flush=True)
         # AMP fidelity: bf16 vs fp32 of the same data (the first 200 windows)
         few = dict(common, dataset_kwargs={"seq_len": args.seq_len}, mode="topk", k=64)
         dump(DumpConfig(out=str(root / "fp32"), precision="fp32", **few))
