@@ -707,7 +707,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
                         f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "
                         f"{tuple(logits.shape)}; expected {(len(indices), num_classes)}"
                     )
-                encoded = encode(logits, config.mode, config.k, config.dtype)
+                encoded = encode(logits, config.mode, config.k, _value_dtype(config))
                 mass_total += encoded.topk_mass
                 host, nonfinite, overflow, event = _copy_to_host(encoded, device)
                 writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, storage))
@@ -769,7 +769,7 @@ def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int],
         return _concat_encoded(parts)
     batch, width, vocab = logits.shape
     flat = logits.reshape(batch * width, vocab)  # a view: no copy
-    encoded = _concat_encoded([encode(flat[start : start + TOKEN_CHUNK], config.mode, config.k, config.dtype)
+    encoded = _concat_encoded([encode(flat[start : start + TOKEN_CHUNK], config.mode, config.k, _value_dtype(config))
                                for start in range(0, len(flat), TOKEN_CHUNK)])
     if sum(lengths) == batch * width:  # no padding
         return encoded
@@ -781,6 +781,13 @@ def _encode_tokens(logits: torch.Tensor, lengths: list[int], indices: list[int],
     else:
         mass = logits.new_full((), float(len(keep)), dtype=torch.float32)
     return type(encoded)(arrays, encoded.nonfinite.index_select(0, keep), encoded.overflow.index_select(0, keep), mass)
+
+
+def _value_dtype(config: DumpConfig) -> str:
+    """The dtype top-k values leave the device in: float32 for the compact encoding, which stores
+    8-bit codes and the tail's log-mass computed from them (float16 rounding of a confident token's
+    top logit would turn a small tail into noise); the storage dtype otherwise."""
+    return "float32" if config.encoding != "plain" and config.mode == "topk" else config.dtype
 
 
 def _concat_encoded(parts: list[Any]) -> Any:

@@ -299,3 +299,31 @@ def test_full_mode_states_its_size_before_it_starts(tmp_path: Path, caplog: pyte
     with caplog.at_level("WARNING", logger="logit_cache.dump"):
         _dump(tmp_path, teacher, "full-size", mode="full")
     assert f"--full stores every logit: {rows} rows x {VOCAB} classes x 2 B" in caplog.text
+
+
+@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+def test_compact_caches_decode_to_the_plain_ones(tmp_path: Path, backend: str) -> None:
+    """Top-k: the same ids per token and probabilities within the 8-bit codes' bound; sampled: lossless."""
+    teacher, _ = _teacher(tmp_path)
+    plain = open_cache(_dump(tmp_path, teacher, f"p-{backend}", mode="topk", k=6, dtype="float32", backend=backend))
+    compact = open_cache(_dump(tmp_path, teacher, f"c-{backend}", mode="topk", k=6, encoding="compact", backend=backend))
+    assert compact.manifest.encoding == "compact" and "topk_codes" in compact.manifest.arrays
+    assert compact.manifest.key != plain.manifest.key
+    samples = np.arange(0, 40, 3)
+    a, b = plain.sample_targets(samples), compact.sample_targets(samples)
+    assert torch.equal(a.lengths, b.lengths)
+    assert torch.equal(a.logsumexp, b.logsumexp)
+    np.testing.assert_array_equal(np.sort(a.indices.numpy(), 1), np.sort(b.indices.numpy(), 1))
+    p_plain = torch.exp(a.values.float() - a.logsumexp[:, None])  # descending, so the orders agree up to ties
+    p_compact = torch.exp(b.values.float() - b.logsumexp[:, None])
+    assert (p_compact.sqrt() - p_plain.sqrt()).abs().max() < 3 / 510  # the codes' bound, plus the row's rescaling
+    sampled_plain = open_cache(_dump(tmp_path, teacher, f"sp-{backend}", mode="sampled", m=30, backend=backend))
+    sampled_compact = open_cache(_dump(tmp_path, teacher, f"sc-{backend}", mode="sampled", m=30, encoding="compact", backend=backend))
+    x, y = sampled_plain.sample_targets(samples), sampled_compact.sample_targets(samples)
+    for name in ("indices", "counts", "logsumexp", "lengths"):
+        assert torch.equal(getattr(x, name), getattr(y, name)), name
+    # and a student trains from it like from any cache
+    result = train(TrainConfig(student=ARCH, student_kwargs={"vocab": VOCAB, "dim": 4}, out=str(tmp_path / f"s-{backend}.pt"),
+                               dataset=spec("ragged_tokens"), dataset_kwargs={"vocab": VOCAB}, caches=[str(compact.path)], epochs=1,
+                               batch_size=8, quiet=True))
+    assert np.isfinite(result.final["train_loss"])
