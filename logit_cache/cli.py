@@ -250,14 +250,15 @@ def info_command(cache: Path, as_json: bool) -> None:
         return
     teacher, data = manifest.teacher, manifest.dataset
     what = _what(manifest)
+    rows = (f"{manifest.num_rows:,} tokens of {manifest.num_samples:,} sequences" if manifest.per_token
+            else f"{manifest.num_rows:,} ({manifest.num_samples:,} samples x {manifest.views} view(s))")
     lines = [
         f"{path}" + ("" if manifest.complete else "   INCOMPLETE (resume the dump with --resume)"),
         f"  key          {manifest.key}   (format v{manifest.format_version}, logit-cache {manifest.tool_version}, "
         f"torch {manifest.torch_version}, created {manifest.created_at})",
         f"  content      {what} of {manifest.num_classes} classes, {manifest.dtype}, {manifest.backend}, "
         f"temperature {manifest.temperature:g}",
-        f"  rows         {manifest.num_rows:,} ({manifest.num_samples:,} samples x {manifest.views} view(s)) in "
-        f"{len(manifest.shards)} shard(s), {manifest.chunk_rows} rows per chunk",
+        f"  rows         {rows} in {len(manifest.shards)} shard(s), {manifest.chunk_rows} rows per chunk",
         f"  teacher      {teacher.get('path')} ({teacher.get('format')}/{teacher.get('layout', '')}, "
         f"sha256 {str(teacher.get('sha256'))[:12]}, arch {teacher.get('arch')})",
         f"  dataset      {data.get('spec')} {json.dumps(data.get('kwargs', {}))} ({data.get('length'):,} items, "
