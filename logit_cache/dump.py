@@ -930,8 +930,9 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
     if config.mode == "full" and dist_info.is_main:
         rows = layout.plans[-1].row_stop
         size = rows * num_classes * np.dtype(config.dtype).itemsize
-        log.warning("--full stores every logit: %d rows x %d classes x %d B = %.3g GB on disk; --topk K or --sample M store "
-                    "a fraction of that", rows, num_classes, np.dtype(config.dtype).itemsize, size / 1e9)
+        say = log.info if config.quiet else log.warning  # stated before it starts; --quiet keeps it out of sight
+        say("--full stores every logit: %d rows x %d classes x %d B = %.3g GB on disk; --topk K or --sample M store "
+            "a fraction of that", rows, num_classes, np.dtype(config.dtype).itemsize, size / 1e9)
     plans = layout.plans
     manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
     if dist_info.is_main:

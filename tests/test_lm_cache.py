@@ -296,8 +296,8 @@ def test_convert_carries_per_token_caches_and_their_sampled_logits(tmp_path: Pat
 def test_full_mode_states_its_size_before_it_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     teacher, _ = _teacher(tmp_path)
     rows = int(RaggedTokens(vocab=VOCAB).lengths.sum())
-    with caplog.at_level("WARNING", logger="logit_cache.dump"):
-        _dump(tmp_path, teacher, "full-size", mode="full")
+    with caplog.at_level("INFO", logger="logit_cache.dump"):
+        _dump(tmp_path, teacher, "full-size", mode="full")  # quiet: an info line; without --quiet a warning
     assert f"--full stores every logit: {rows} rows x {VOCAB} classes x 2 B" in caplog.text
 
 
