@@ -261,10 +261,7 @@ def collate(batch: Sequence[tuple]) -> tuple:
     """
     if not len(batch):
         raise UsageError("cannot collate an empty batch")
-    tokens = isinstance(batch, _FetchedTokens) or (
-        (not isinstance(batch, _Fetched) and isinstance(batch[0][-1], Targets))
-        or (isinstance(batch[0][-1], list) and isinstance(batch[0][-1][0], Targets)))
-    if tokens:
+    if isinstance(batch, _FetchedTokens) or (not isinstance(batch, _Fetched) and _is_token_target(batch[0][-1])):
         return _collate_tokens(batch)
     if isinstance(batch, _Fetched):  # the batched path: no per-item work
         head = default_collate(batch.items)
@@ -279,6 +276,11 @@ def collate(batch: Sequence[tuple]) -> tuple:
         paired = True
     target = targets[0] if single else targets
     return (*head, target) if paired else (head, target)
+
+
+def _is_token_target(target: Any) -> bool:
+    """A per-token item's target: a Targets (or a list of them, several caches), not a per-sample row."""
+    return isinstance(target, Targets) or (isinstance(target, list) and bool(target) and isinstance(target[0], Targets))
 
 
 def _collate_tokens(batch: Any) -> tuple:

@@ -192,11 +192,6 @@ class Targets:
         return None if self.mode != "topk" or self.values is None else int(self.values.shape[-1])
 
     @property
-    def m(self) -> int | None:
-        """Draws per row of sampled targets (the counts of a row sum to it)."""
-        return None if self.counts is None else int(self.counts[:1].sum()) if len(self.counts) else None
-
-    @property
     def device(self) -> torch.device:
         return self._rows_tensor().device
 
