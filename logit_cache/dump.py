@@ -671,50 +671,28 @@ def _host_producer(
     return produce
 
 
-def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
-                todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float, float]:
-    """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass, seconds)."""
-    config, device = prepared.config, prepared.device
-    if not todo:
-        return 0, 0.0, 0.0
-    started = time.perf_counter()
-    backend = get_backend(config.backend)
-    batches = make_batches(todo, config.batch_size, config.views)
-    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
-    replayed = ReplayViews(prepared.resolved.dataset, config.views, config.seed) if config.seed is not None else None
-    loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda", replayed)
-    storage = _storage(config, num_classes)
+def _write_batches(prepared: _Prepared, layout: Layout, batches: list[tuple[ShardPlan, list[int]]], loader: DataLoader,
+                   bar: Any, step: Any, started: float) -> tuple[int, float, float]:
+    """The loop both kinds of dump share: for each batch, ``step(plan, batch_rows, batch_iter)`` runs
+    the teacher and returns ``(produce, mass, rows, progress)``; the producer goes to the writer
+    thread, a shard is ended after its last batch, and on any failure the writer keeps what it was
+    handed (finished shards stay for --resume). Returns (rows computed, sum of top-k mass, seconds)."""
+    config = prepared.config
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
-    writer = ShardedWriter(prepared.work, backend, layout.specs, layout.chunk_rows, attrs)
-    mass_total = torch.zeros((), dtype=torch.float64, device=device)
+    writer = ShardedWriter(prepared.work, get_backend(config.backend), layout.specs, layout.chunk_rows, attrs)
+    mass_total = torch.zeros((), dtype=torch.float64, device=prepared.device)
     rows = 0
-    total = sum(plan.num_samples for plan in todo)
-    bar = tqdm(total=total, unit="sample", unit_scale=True, desc="dump", disable=None if show_progress else True)
     try:
         with torch.inference_mode():
             batch_iter = iter(loader)
-            for position, (plan, rows_of_batch) in enumerate(batches):
-                # messages name dataset indices: with several views a batch's rows are i * views + v
-                indices = rows_of_batch if config.views == 1 else [row // config.views for row in rows_of_batch]
-                batch = _next_batch(batch_iter, indices)
-                inputs, labels = split_batch(batch, prepared.resolved.has_labels)
-                if labels is not None and config.views > 1:
-                    labels = labels[:: config.views]  # rows are whole samples' views; labels are per sample
-                with autocast_for(device, config.precision):
-                    logits = _call_teacher(teacher.module, to_device(inputs, device), indices)  # (B, C)
-                if logits.shape != (len(indices), num_classes):
-                    raise TeacherOutputError(
-                        f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "
-                        f"{tuple(logits.shape)}; expected {(len(indices), num_classes)}"
-                    )
-                encoded = encode(logits, config.mode, config.k, _value_dtype(config))
-                mass_total += encoded.topk_mass
-                host, nonfinite, overflow, event = _copy_to_host(encoded, device)
-                writer.submit(plan, _host_producer(host, nonfinite, overflow, labels, indices, event, storage))
+            for position, (plan, batch_rows) in enumerate(batches):
+                produce, mass, count, progress = step(plan, batch_rows, batch_iter)
+                mass_total += mass
+                writer.submit(plan, produce)
                 if position + 1 == len(batches) or batches[position + 1][0] != plan:
                     writer.end_shard(plan)
-                rows += len(rows_of_batch)
-                bar.update(len(rows_of_batch) // config.views)
+                rows += count
+                bar.update(progress)
         writer.finish()
     except BaseException:
         writer.abort()
@@ -722,6 +700,43 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
     finally:
         bar.close()
     return rows, float(mass_total.item()), time.perf_counter() - started
+
+
+def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
+                todo: list[ShardPlan], num_classes: int, show_progress: bool) -> tuple[int, float, float]:
+    """Run the teacher over this rank's unfinished shards; return (rows computed, sum of top-k mass, seconds)."""
+    config, device = prepared.config, prepared.device
+    if not todo:
+        return 0, 0.0, 0.0
+    started = time.perf_counter()
+    batches = make_batches(todo, config.batch_size, config.views)
+    workers = config.num_workers if config.num_workers is not None else default_num_workers(device)
+    replayed = ReplayViews(prepared.resolved.dataset, config.views, config.seed) if config.seed is not None else None
+    loader = make_loader(prepared.resolved, [indices for _, indices in batches], workers, device.type == "cuda", replayed)
+    storage = _storage(config, num_classes)
+    total = sum(plan.num_samples for plan in todo)
+    bar = tqdm(total=total, unit="sample", unit_scale=True, desc="dump", disable=None if show_progress else True)
+
+    def step(plan: ShardPlan, rows_of_batch: list[int], batch_iter: Iterator[Any]) -> tuple[Any, torch.Tensor, int, int]:
+        # messages name dataset indices: with several views a batch's rows are i * views + v
+        indices = rows_of_batch if config.views == 1 else [row // config.views for row in rows_of_batch]
+        batch = _next_batch(batch_iter, indices)
+        inputs, labels = split_batch(batch, prepared.resolved.has_labels)
+        if labels is not None and config.views > 1:
+            labels = labels[:: config.views]  # rows are whole samples' views; labels are per sample
+        with autocast_for(device, config.precision):
+            logits = _call_teacher(teacher.module, to_device(inputs, device), indices)  # (B, C)
+        if logits.shape != (len(indices), num_classes):
+            raise TeacherOutputError(
+                f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "
+                f"{tuple(logits.shape)}; expected {(len(indices), num_classes)}"
+            )
+        encoded = encode(logits, config.mode, config.k, _value_dtype(config))
+        host, nonfinite, overflow, event = _copy_to_host(encoded, device)
+        produce = _host_producer(host, nonfinite, overflow, labels, indices, event, storage)
+        return produce, encoded.topk_mass, len(rows_of_batch), len(rows_of_batch) // config.views
+
+    return _write_batches(prepared, layout, batches, loader, bar, step, started)
 
 
 def _storage(config: DumpConfig, num_classes: int) -> _Storage:
@@ -816,55 +831,38 @@ def _run_token_shards(prepared: _Prepared, teacher: Teacher, layout: Layout, tod
                         pin_memory=device.type == "cuda", collate_fn=collate_tokens, prefetch_factor=4 if workers > 0 else None)
     storage = _storage(config, num_classes)
     ends = np.cumsum(lengths)  # global row after each sample
-    attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
-    writer = ShardedWriter(prepared.work, get_backend(config.backend), layout.specs, layout.chunk_rows, attrs)
-    mass_total = torch.zeros((), dtype=torch.float64, device=device)
-    rows = 0
     bar = tqdm(total=int(sum(plan.num_rows for plan in todo)), unit="tok", unit_scale=True, desc="dump",
                disable=None if show_progress else True)
-    try:
-        with torch.inference_mode():
-            batch_iter = iter(loader)
-            for position, (plan, indices) in enumerate(batches):
-                batch: TokenBatch = _next_batch(batch_iter, indices)
-                got = batch.lengths.tolist()
-                want = lengths[indices].tolist()
-                if got != want:
-                    wrong = next(i for i, g, w in zip(indices, got, want, strict=True) if g != w)
-                    raise DatasetError(
-                        f"dataset item {wrong} has {got[indices.index(wrong)]} tokens now but had "
-                        f"{want[indices.index(wrong)]} when the dump planned its shards: the dataset must not change during a dump"
-                    )
-                with autocast_for(device, config.precision):
-                    logits = _call_teacher(teacher.module, to_device(batch.inputs, device), indices)  # (B, T, V)
-                expected = (len(indices), int(batch.lengths.max()), num_classes)
-                if tuple(logits.shape) != expected:
-                    raise TeacherOutputError(
-                        f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape {tuple(logits.shape)}; "
-                        f"expected {expected} ([batch, tokens, vocab])"
-                    )
-                encoded = _encode_tokens(logits, got, indices, config)
-                mass_total += encoded.topk_mass
-                host, nonfinite, overflow, event = _copy_to_host(encoded, device)
-                # shard-local offsets: the batch's sequence ends, and the shard's leading 0 with its first batch
-                base = plan.row_start
-                local = ends[indices[0] : indices[-1] + 1] - base
-                if indices[0] == plan.sample_start:
-                    local = np.concatenate([[0], local])
-                row_samples = np.repeat(indices, got).tolist()
-                writer.submit(plan, _host_producer(host, nonfinite, overflow, None, row_samples, event, storage,
-                                                   {"offsets": local.astype(np.int64)}))
-                if position + 1 == len(batches) or batches[position + 1][0] != plan:
-                    writer.end_shard(plan)
-                rows += len(row_samples)
-                bar.update(len(row_samples))
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        bar.close()
-    return rows, float(mass_total.item()), time.perf_counter() - started
+
+    def step(plan: ShardPlan, indices: list[int], batch_iter: Iterator[Any]) -> tuple[Any, torch.Tensor, int, int]:
+        batch: TokenBatch = _next_batch(batch_iter, indices)
+        got = batch.lengths.tolist()
+        want = lengths[indices].tolist()
+        if got != want:
+            wrong = next(i for i, g, w in zip(indices, got, want, strict=True) if g != w)
+            raise DatasetError(
+                f"dataset item {wrong} has {got[indices.index(wrong)]} tokens now but had "
+                f"{want[indices.index(wrong)]} when the dump planned its shards: the dataset must not change during a dump"
+            )
+        with autocast_for(device, config.precision):
+            logits = _call_teacher(teacher.module, to_device(batch.inputs, device), indices)  # (B, T, V)
+        expected = (len(indices), int(batch.lengths.max()), num_classes)
+        if tuple(logits.shape) != expected:
+            raise TeacherOutputError(
+                f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape {tuple(logits.shape)}; "
+                f"expected {expected} ([batch, tokens, vocab])"
+            )
+        encoded = _encode_tokens(logits, got, indices, config)
+        host, nonfinite, overflow, event = _copy_to_host(encoded, device)
+        # shard-local offsets: the batch's sequence ends, and the shard's leading 0 with its first batch
+        local = ends[indices[0] : indices[-1] + 1] - plan.row_start
+        if indices[0] == plan.sample_start:
+            local = np.concatenate([[0], local])
+        row_samples = np.repeat(indices, got).tolist()
+        produce = _host_producer(host, nonfinite, overflow, None, row_samples, event, storage, {"offsets": local.astype(np.int64)})
+        return produce, encoded.topk_mass, len(row_samples), len(row_samples)
+
+    return _write_batches(prepared, layout, batches, loader, bar, step, started)
 
 
 def dump(config: DumpConfig) -> DumpResult:
