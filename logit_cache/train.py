@@ -45,7 +45,7 @@ from .manifest import write_json_atomic
 from .reader import LogitCache, open_cache
 from .replay import preserved_rng
 from .spec import resolve_callable
-from .teacher import load_teacher
+from .teacher import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,34 @@ def _check_classes(student: nn.Module, caches: list[LogitCache], sample: Any, de
             raise TargetMismatchError(f"the student has {width} outputs but {cache.path} holds targets over {cache.num_classes} classes")
 
 
+def training_data(config: TrainConfig, data: ResolvedDataset, caches: list[LogitCache], device: torch.device,
+                  plain_collate: Any) -> tuple[Any, ChunkShuffleSampler, Any, Teacher | None]:
+    """The training set, its sampler and collate function, and the online teacher (or None).
+
+    With caches: the data wrapped with them and their chunk-aware sampler. Without: the plain data
+    in the permutation an in-memory cache's sampler gives for this seed (runs differ only in the
+    targets), collated by ``plain_collate``, and the teacher loaded as ``dump`` loads it.
+    """
+    if caches:
+        return (CachedDataset(data.dataset, caches, verify=config.verify),
+                ChunkShuffleSampler.for_caches(caches, shuffle=True, seed=config.seed), collate, None)
+    teacher = None
+    if config.teacher:
+        teacher = load_teacher(config.teacher, arch=config.arch, arch_kwargs=config.arch_kwargs,
+                               trust_checkpoint=config.trust_checkpoint, device=device)
+    return data.dataset, ChunkShuffleSampler(len(data), shuffle=True, seed=config.seed), plain_collate, teacher
+
+
+def optimiser(config: TrainConfig, student: nn.Module, total_steps: int) -> tuple[torch.optim.Optimizer, Any]:
+    """``--optimizer`` over the student's parameters, with the cosine decay of the lr to 0 over ``total_steps``."""
+    if config.optimizer == "adamw":
+        optimizer: torch.optim.Optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
+    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
 def _loader(dataset: Any, sampler: Any, collate_fn: Any, config: TrainConfig, device: torch.device) -> DataLoader:
     return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
                       num_workers=config.num_workers, pin_memory=device.type == "cuda",
@@ -220,17 +248,7 @@ def train(config: TrainConfig) -> TrainResult:
     if config.labels_only and not data.has_labels:
         raise UsageError(f"--labels-only needs labels, but --dataset {config.dataset!r} has none")
     caches = [open_cache(path) for path in config.caches]
-    teacher = None
-    if caches:
-        train_set: Any = CachedDataset(data.dataset, caches, verify=config.verify)
-        sampler = ChunkShuffleSampler.for_caches(caches, shuffle=True, seed=config.seed)
-        collate_fn: Any = collate
-    else:
-        # The same permutation an in-memory cache's sampler gives for this seed: runs differ only in the targets.
-        train_set, sampler, collate_fn = data.dataset, ChunkShuffleSampler(len(data), shuffle=True, seed=config.seed), None
-        if config.teacher:
-            teacher = load_teacher(config.teacher, arch=config.arch, arch_kwargs=config.arch_kwargs,
-                                   trust_checkpoint=config.trust_checkpoint, device=device)
+    train_set, sampler, collate_fn, teacher = training_data(config, data, caches, device, None)
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
     # the eval data paired with its cache once, here: the pairing check reads items, so not every epoch
     eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache)]) if config.eval_cache and eval_data else None
@@ -248,14 +266,9 @@ def train(config: TrainConfig) -> TrainResult:
     else:
         kd = KLDivergence(temperature, tail=config.tail, teachers_per_step=config.teachers_per_step, seed=config.seed)
         criterion = DistillationLoss(kd, config.kd_loss_weight, config.org_loss_weight, config.kd_start, config.kd_end)
-    if config.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     loader = _loader(train_set, sampler, collate_fn, config, device)
     total_steps = config.epochs * len(loader)
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    optimizer, schedule = optimiser(config, student, total_steps)
     source = {"cache": ", ".join(config.caches), "online": f"the teacher {config.teacher} (online)", "labels": "labels only"}
     log.info("training %s on %s (%d samples, %d steps), targets from %s%s", config.student, config.dataset, len(data), total_steps,
              source[config.source], f", temperature {temperature:g}" if temperature else "")

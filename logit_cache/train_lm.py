@@ -33,14 +33,13 @@ from tqdm import tqdm
 from .datasets import ResolvedDataset, resolve_dataset
 from .dump import run_teacher, to_device
 from .errors import TargetMismatchError, UsageError
-from .loader import CachedDataset, ChunkShuffleSampler, collate
+from .loader import CachedDataset, collate
 from .losses import DistillationLoss
 from .reader import LogitCache, open_cache
 from .targets import Targets
-from .teacher import load_teacher
 from .token_losses import token_kd_loss
 from .tokens import IGNORE_INDEX, collate_tokens, next_token_mask
-from .train import TrainConfig, TrainResult, _build_student, _loader, save_student
+from .train import TrainConfig, TrainResult, _build_student, _loader, optimiser, save_student, training_data
 
 log = logging.getLogger(__name__)
 
@@ -125,16 +124,7 @@ def train_tokens(config: TrainConfig, data: ResolvedDataset, device: torch.devic
         if not cache.per_token:
             raise TargetMismatchError(f"{cache.path} holds one distribution per sample, but --dataset {config.dataset!r} "
                                       f"holds token sequences: use a cache dumped from this token data")
-    teacher = None
-    if caches:
-        train_set: Any = CachedDataset(data.dataset, caches, verify=config.verify)
-        sampler = ChunkShuffleSampler.for_caches(caches, shuffle=True, seed=config.seed)
-        collate_fn: Any = collate
-    else:
-        train_set, sampler, collate_fn = data.dataset, ChunkShuffleSampler(len(data), shuffle=True, seed=config.seed), _plain_collate
-        if config.teacher:
-            teacher = load_teacher(config.teacher, arch=config.arch, arch_kwargs=config.arch_kwargs,
-                                   trust_checkpoint=config.trust_checkpoint, device=device)
+    train_set, sampler, collate_fn, teacher = training_data(config, data, caches, device, _plain_collate)
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
     if eval_data is not None and not eval_data.per_token:
         raise UsageError(f"--eval-dataset {config.eval_dataset!r} does not hold token sequences, unlike --dataset {config.dataset!r}")
@@ -154,14 +144,9 @@ def train_tokens(config: TrainConfig, data: ResolvedDataset, device: torch.devic
     if config.teachers_per_step is not None or len(caches) > 1:
         raise UsageError("several teachers (caches) per token are not supported yet: pass one --cache")
     window = DistillationLoss(start=config.kd_start, end=config.kd_end)  # only its KD window is used here
-    if config.optimizer == "adamw":
-        optimizer: torch.optim.Optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    else:
-        optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=0.9, nesterov=True, weight_decay=config.weight_decay)
     loader = _loader(train_set, sampler, collate_fn, config, device)
     total_steps = config.epochs * len(loader)
-    cosine = lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps))  # noqa: E731
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+    optimizer, schedule = optimiser(config, student, total_steps)
     log.info("training %s on %s (%d sequences, %d steps), targets from %s%s", config.student, config.dataset, len(data),
              total_steps, config.source, f", temperature {temperature:g}" if temperature else "")
 
