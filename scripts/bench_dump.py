@@ -353,12 +353,25 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             f"{row['compression']:.2f}x",
             "-" if row["mean_topk_mass"] is None else f"{row['mean_topk_mass']:.3f}",
         ])
+    return table(header, lines)
+
+
+def table(header: list[str], lines: list[list[str]]) -> str:
+    """A Markdown table, columns padded to their widest cell (what every benchmark here prints)."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 
     def fmt(cells: list[str]) -> str:
         return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
 
     return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt(line) for line in lines)])
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> Path:
+    """The benchmark's JSON, its folder created if needed (values JSON cannot hold are written as strings)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return out
 
 
 def machine_info(device: torch.device) -> dict[str, Any]:
@@ -536,10 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(report["summary"]))
     print("dump setup (once per dump, included in dump s): " + ", ".join(f"{k[:-2]} {v:.3f} s" for k, v in setup.items()))
     print(f"total {report['total_seconds']:.0f} s")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.json, report)}")
     return 0
 
 

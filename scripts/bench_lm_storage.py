@@ -58,7 +58,6 @@ bound of a uniformly random K-subset, log2 C(V, K) bits.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import sys
@@ -76,7 +75,7 @@ from logit_cache.store import get_backend
 from logit_cache.targets import LOG_MASS_FLOOR, count_dtype, encode, index_dtype, topk_log_probs
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dump import machine_info, scratch_dir, timed
+from bench_dump import machine_info, scratch_dir, table, timed, write_report
 
 METHODS = (("topk", 16), ("topk", 50), ("topk", 64), ("topk", 128), ("sampled", 50))
 REFERENCES = [
@@ -514,15 +513,6 @@ def measure(args: argparse.Namespace, workdir: Path, num_classes: int, prior: st
 # --------------------------------------------------------------------------------------------------
 
 
-def _table(header: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt(line) for line in lines)])
-
-
 def _num(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -535,11 +525,11 @@ def format_main(rows: list[dict[str, Any]]) -> str:
               f"{r['write_tokens_per_s']:,.0f}", f"{r['read_tokens_per_s']:,.0f}"] for r in rows]
     lines += [[f"{r['vocab']:,}" if r["vocab"] else "?", "real", r["method"], r["source"], "-", f"~{r['bytes_per_token']}",
                *["-"] * 7] for r in REFERENCES]
-    return _table(header, lines)
+    return table(header, lines)
 
 
 def format_value_dtypes(run: dict[str, Any]) -> str:
-    return f"top-k value dtype, vocab {run['vocab']:,}, {run['id_prior']} ids (compact stores the same bytes for both)\n\n" + _table(
+    return f"top-k value dtype, vocab {run['vocab']:,}, {run['id_prior']} ids (compact stores the same bytes for both)\n\n" + table(
         ["method", "encoding", "values as", "KL", "KL T=2", "TV", "dKL T=1", "dKL T=2"],
         [[r["method"], r["encoding"], r["dtype"], _num(r["kl"], ".4f"), _num(r["kl_t2"], ".3f"), _num(r["tv"], ".4f"),
           _num(r["dkl_t1"], ".1e"), _num(r["dkl_t2"], ".1e")] for r in run["value_dtypes"]])
@@ -547,16 +537,16 @@ def format_value_dtypes(run: dict[str, Any]) -> str:
 
 def format_ablation(vocab: int, prior: str, ablation_: dict[str, Any], clevels: list[int]) -> str:
     parts = [f"ablation, vocab {vocab:,}, {prior} ids (bytes of data per token, numcodecs Blosc as the store writes it)"]
-    parts.append(_table(["method", "encoding", *(f"zstd {level}" for level in clevels)],
+    parts.append(table(["method", "encoding", *(f"zstd {level}" for level in clevels)],
                         [[r["method"], r["encoding"], *(f"{r['bytes_per_token'][level]:.1f}" for level in clevels)]
                          for r in ablation_["clevels"]]))
-    parts.append(_table(["method", "values stored as", "B/token", "dKL T=1", "dKL T=2"],
+    parts.append(table(["method", "values stored as", "B/token", "dKL T=1", "dKL T=2"],
                         [[r["method"], r["quantizer"], f"{r['value_bytes_per_token']:.1f}", f"{r['dkl_t1']:.1e}", f"{r['dkl_t2']:.1e}"]
                          for r in ablation_["quantizers"]]))
-    parts.append(_table(["method", "plain ids", "sorted gaps", "Rice-coded gaps (bits only)", "log2 C(V,K) / 8"],
+    parts.append(table(["method", "plain ids", "sorted gaps", "Rice-coded gaps (bits only)", "log2 C(V,K) / 8"],
                         [[r["method"], f"{r['plain_ids']:.1f}", f"{r['gaps']:.1f}", f"{r['rice']:.1f}", f"{r['uniform_subset_bound']:.1f}"]
                          for r in ablation_["ids"]]))
-    parts.append(_table(["method", "sampled layout", "B/token"],
+    parts.append(table(["method", "sampled layout", "B/token"],
                         [[r["method"], r["layout"], f"{r['bytes_per_token']:.1f}"] for r in ablation_["sampled_layouts"]]))
     return "\n\n".join(parts)
 
@@ -647,10 +637,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"goal, vocab 131,072, {goal['id_prior']} ids: compact {goal['method']} {goal['bytes_per_token']:.1f} B/token "
               f"vs ~{goal['reference']}: {'met' if goal['met'] else 'NOT met'}")
     print(f"total {report['total_seconds']:.0f} s")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.json, report)}")
     return 0
 
 

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -81,7 +80,7 @@ from logit_cache.reader import LogitCache, open_cache
 from logit_cache.targets import Targets, index_dtype
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dump import ARCH, SyntheticDataset, machine_info, make_teacher, scratch_dir, synthetic_dataset, timed
+from bench_dump import ARCH, SyntheticDataset, machine_info, make_teacher, scratch_dir, synthetic_dataset, table, timed, write_report
 
 BENCH_DUMP = Path(__file__).resolve().parent / "bench_dump.py"
 ALL_BACKENDS = ("zarr", "hdf5")
@@ -453,15 +452,6 @@ def summarize_reads(records: list[dict[str, Any]], cases: list[ReadCase]) -> lis
 # --------------------------------------------------------------------------------------------------
 
 
-def table(header: list[str], lines: list[list[str]]) -> str:
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-
-    def fmt(cells: list[str]) -> str:
-        return "| " + " | ".join(cell.ljust(width) for cell, width in zip(cells, widths, strict=True)) + " |"
-
-    return "\n".join([fmt(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(fmt(line) for line in lines)])
-
-
 def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
@@ -711,10 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     print_report(report)
     print(f"total {report['total_seconds']:.0f} s")
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
-    print(f"wrote {out}")
+    print(f"wrote {write_report(args.json, report)}")
     return 0
 
 

@@ -14,7 +14,6 @@ Not a test (it needs a GPU for meaningful numbers; ``--device cpu --quick`` runs
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_dump import machine_info
+from bench_dump import machine_info, write_report
 
 from logit_cache.compact import encode_arrays
 from logit_cache.dump import DumpConfig, _encode_tokens, array_specs, autocast_for, dump
@@ -164,8 +163,7 @@ def main() -> int:
         report["sampled"] = {"counts_sum_to_m": bool((counts.astype(np.int64).sum(1) == 50).all()), "repeatable": same,
                              "mean_distinct_ids": float((counts > 0).sum(1).mean())}
         print(f"sampled: {report['sampled']}", flush=True)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    write_report(args.json, report)
     ok = top1 >= 0.9 and report["sampled"]["counts_sum_to_m"]
     return 0 if ok else 1
 
