@@ -357,25 +357,9 @@ def array_specs(mode: str, k: int | None, num_classes: int, dtype: str, has_labe
     """
     if mode == "full":
         specs = [ArraySpec("logits", dtype, (num_classes,))]
-    elif encoding != "plain":
-        assert k is not None
-        specs = stored_specs(mode, k, num_classes, dtype, encoding, sampled_logits=sampled_logits)
-    elif mode == "topk":
-        assert k is not None
-        specs = [
-            ArraySpec("topk_logits", dtype, (k,), compress=True),
-            ArraySpec("topk_indices", index_dtype(num_classes).name, (k,), compress=True),
-            ArraySpec("logsumexp", "float32", (), compress=True),
-        ]
     else:
         assert k is not None
-        specs = [
-            ArraySpec("sampled_indices", index_dtype(num_classes).name, (k,), compress=True),
-            ArraySpec("sampled_counts", count_dtype(k).name, (k,), compress=True),
-            ArraySpec("logsumexp", "float32", (), compress=True),
-        ]
-        if sampled_logits:
-            specs.append(ArraySpec("sampled_logits", dtype, (k,), compress=True))
+        specs = stored_specs(mode, k, num_classes, dtype, encoding, sampled_logits=sampled_logits)
     if per_token:
         offsets_chunk = min(LABEL_CHUNK_ROWS, max(MIN_CHUNK_ROWS, _pow2_at_least(num_samples + 1)))
         return [*specs, ArraySpec("offsets", "int64", (), per="offsets", compress=True, chunk_rows=offsets_chunk)]
