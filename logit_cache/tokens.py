@@ -150,9 +150,14 @@ def next_token_mask(labels: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor
     """
     width = labels.shape[1]
     position = torch.arange(width, device=labels.device)[None, :]
+    return (position + 1 < lengths.to(labels.device)[:, None]) & (shifted_labels(labels) != IGNORE_INDEX)
+
+
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) labels moved one step left: what position ``t`` predicts; -100 at the end."""
     following = torch.full_like(labels, IGNORE_INDEX)
     following[:, :-1] = labels[:, 1:]
-    return (position + 1 < lengths.to(labels.device)[:, None]) & (following != IGNORE_INDEX)
+    return following
 
 
 # -- built-in data sets ---------------------------------------------------------------------------------

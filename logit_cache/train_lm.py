@@ -38,7 +38,7 @@ from .losses import DistillationLoss
 from .reader import LogitCache, open_cache
 from .targets import Targets
 from .token_losses import token_kd_loss
-from .tokens import IGNORE_INDEX, collate_tokens, next_token_mask
+from .tokens import collate_tokens, next_token_mask, shifted_labels
 from .train import TrainConfig, TrainResult, _build_student, _loader, optimiser, save_student, training_data
 
 log = logging.getLogger(__name__)
@@ -59,13 +59,6 @@ def _select(target: Targets, keep: torch.Tensor) -> Targets:
     return replace(target, **picked, lengths=None)
 
 
-def _shifted(labels: torch.Tensor) -> torch.Tensor:
-    """(B, T) labels moved one step left: what position ``t`` predicts; -100 at the end."""
-    following = torch.full_like(labels, IGNORE_INDEX)
-    following[:, :-1] = labels[:, 1:]
-    return following
-
-
 def _split(third: Targets | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Targets | None]:
     """A batch's third element: a cache's Targets (with lengths) or, without a cache, the lengths."""
     if isinstance(third, Targets):
@@ -82,7 +75,7 @@ def token_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tens
     """
     mask = next_token_mask(labels, lengths)  # (B, T)
     student = logits[mask]  # (N, V): the positions that predict a label, b-major like the cache's rows
-    ce = F.cross_entropy(student.float(), _shifted(labels)[mask]) if len(student) else logits.sum() * 0.0
+    ce = F.cross_entropy(student.float(), shifted_labels(labels)[mask]) if len(student) else logits.sum() * 0.0
     if target is None:
         return ce, None, len(student)
     if target.lengths is not None:  # a cache's rows: every real token; keep those at the trained positions
