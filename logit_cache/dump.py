@@ -22,7 +22,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -617,7 +617,7 @@ def _host_producer(
     nonfinite: torch.Tensor,
     overflow: torch.Tensor,
     labels: torch.Tensor | None,
-    indices: list[int],
+    indices: Sequence[int],
     event: Any,
     storage: _Storage,
     extra: dict[str, np.ndarray] | None = None,
@@ -634,7 +634,7 @@ def _host_producer(
             event.synchronize()
         bad = nonfinite.numpy()
         if bad.any():
-            rows = list(dict.fromkeys(indices[i] for i in np.flatnonzero(bad)))
+            rows = list(dict.fromkeys(int(indices[i]) for i in np.flatnonzero(bad)))
             shown = ", ".join(map(str, rows[:20])) + (f" and {len(rows) - 20} more" if len(rows) > 20 else "")
             raise NonFiniteLogitsError(
                 f"the teacher produced NaN or infinite logits for dataset indices {shown}; nothing is stored "
@@ -642,7 +642,7 @@ def _host_producer(
             )
         over = overflow.numpy()
         if over.any():
-            rows = list(dict.fromkeys(indices[i] for i in np.flatnonzero(over)))[:20]
+            rows = list(dict.fromkeys(int(indices[i]) for i in np.flatnonzero(over)))[:20]
             raise NonFiniteLogitsError(
                 f"logits of dataset indices {', '.join(map(str, rows))} do not fit --dtype {dtype} "
                 f"(|logit| > 65504 in float16); dump with --dtype float32"
@@ -842,7 +842,7 @@ def _run_token_shards(prepared: _Prepared, teacher: Teacher, layout: Layout, tod
         local = ends[indices[0] : indices[-1] + 1] - plan.row_start
         if indices[0] == plan.sample_start:
             local = np.concatenate([[0], local])
-        row_samples = np.repeat(indices, got).tolist()
+        row_samples = np.repeat(indices, got)  # each row's sequence, for error messages (read only then)
         produce = _host_producer(host, nonfinite, overflow, None, row_samples, event, storage, {"offsets": local.astype(np.int64)})
         return produce, encoded.topk_mass, len(row_samples), len(row_samples)
 
