@@ -1,8 +1,13 @@
 """Resolve ``module:callable`` specs (teacher architectures, dataset factories).
 
-The current directory is importable, as with ``python -m``, so a user's ``mymodels.py`` beside
-them works as ``--arch mymodels:resnet18`` from the console script too. A spec may also name a
-file: ``path/to/models.py:resnet18``.
+Resolving a spec imports its module and so runs that module's code: a spec is code the user chose to run.
+
+The current directory is importable, so a user's ``mymodels.py`` beside them works as
+``--arch mymodels:resnet18`` from the console script too. It is searched after everything already on
+``sys.path`` (installed packages included), never before: a stray ``transformers.py`` or ``click.py``
+in the working directory must not replace the installed package for this import or any later one.
+A spec may also name a file, ``path/to/models.py:resnet18``, loaded from that path whatever ``sys.path``
+holds: the way to use a local file whose name an installed package also has.
 """
 
 from __future__ import annotations
@@ -47,7 +52,9 @@ def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
     else:
         cwd = os.getcwd()
         if cwd not in sys.path:
-            sys.path.insert(0, cwd)
+            # Last, after installed packages: a file here is found only when nothing installed has its name.
+            sys.path.append(cwd)
+            importlib.invalidate_caches()
         try:
             module = importlib.import_module(module_name)
         except Exception as exc:
@@ -58,11 +65,25 @@ def resolve_callable(spec: str, what: str) -> Callable[..., Any]:
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
-            raise SpecError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}")
+            raise SpecError(f"{what} {spec!r}: module {module_name!r} has no attribute {attr!r}{_shadow_hint(module, module_name)}")
         target = getattr(target, part)
     if not callable(target):
         raise SpecError(f"{what} {spec!r}: {attr!r} is not callable")
     return target
+
+
+def _shadow_hint(module: Any, module_name: str) -> str:
+    """A hint when a file in the current directory has the module's name but an installed module was imported."""
+    local = Path(os.getcwd(), *module_name.split("."))
+    candidates = [local.with_suffix(".py"), local / "__init__.py"]
+    found = next((str(c) for c in candidates if c.is_file()), None)
+    loaded = getattr(module, "__file__", None)
+    if found is None or (loaded and Path(loaded).resolve() == Path(found).resolve()):
+        return ""
+    return (
+        f" (it was imported from {loaded or 'a built-in module'}: the current directory is searched after installed "
+        f"packages; to use {found}, pass its path: {found}:CALLABLE)"
+    )
 
 
 def parse_json_kwargs(text: str | None, what: str) -> dict[str, Any]:

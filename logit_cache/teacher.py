@@ -11,7 +11,11 @@ A teacher reaches us in one of five shapes, told apart without unpickling anythi
 * **torchscript** -- a ``torch.jit.save`` archive; it carries its own architecture (TorchScript code).
 * **export** -- a ``torch.export.save`` ``.pt2`` archive; it carries its own graph. An exported program
   runs in the mode it was exported in: its GraphModule refuses ``.eval()``, and a dropout or batch-norm
-  traced in training mode stays in training mode (we warn when the graph holds such ops).
+  traced in training mode stays in training mode (we warn when the graph holds such ops). Loading one can
+  run code from the file (pickled weights, constants or sample inputs; AOTInductor libraries; Python source
+  in the program's JSON: see ``export_archive.py``), so each archive is inspected before torch reads it and
+  one with such a part is refused unless the caller passes ``trust_checkpoint=True``. Archives that
+  ``torch.export.save`` writes for a plain module hold none and load without it.
 * **pickle** -- a ``torch.save(model)`` of a whole ``nn.Module``. Unpickling it runs arbitrary code, so it
   is refused unless the caller passes ``trust_checkpoint=True`` (``--trust-checkpoint``).
 * **hf** -- ``hf:DIR``, a local Hugging Face ``transformers`` model directory written by ``save_pretrained``
@@ -53,6 +57,7 @@ from .errors import (
     UntrustedCheckpointError,
     UsageError,
 )
+from .export_archive import describe, unsafe_parts
 from .fingerprint import _READ_BLOCK, file_sha256
 from .spec import resolve_callable
 
@@ -198,7 +203,8 @@ def load_teacher(
     A state dict needs ``arch`` (``"module:callable"``, called with ``arch_kwargs``) and is loaded with
     ``strict=True``: a teacher with a missing or misshapen weight would silently produce wrong logits for
     the whole cache. TorchScript and ``torch.export`` archives carry their own architecture and refuse
-    ``arch``. A pickled ``nn.Module`` needs ``trust_checkpoint=True`` because unpickling runs arbitrary code.
+    ``arch``. A pickled ``nn.Module``, and a ``torch.export`` archive with a part whose loading runs code (a
+    pickle, compiled code, Python source), need ``trust_checkpoint=True``.
 
     Example::
 
@@ -222,7 +228,10 @@ def load_teacher(
     stripped: str | None = None
     if kind in ("torchscript", "export"):
         _refuse_arch(shown, kind, arch, kwargs)
-        module = _load_torchscript(file, shown, device) if kind == "torchscript" else _load_export(file, shown, device)
+        if kind == "torchscript":
+            module = _load_torchscript(file, shown, device)
+        else:
+            module = _load_export(file, shown, device, trust_checkpoint)
         fmt = layout = kind
     else:
         obj = _torch_load(file, shown, trust_checkpoint)
@@ -375,14 +384,39 @@ def _load_torchscript(file: Path, shown: str, device: torch.device) -> nn.Module
         raise CheckpointError(f"cannot load TorchScript archive {shown!r}: {exc}") from exc
 
 
-def _load_export(file: Path, shown: str, device: torch.device) -> nn.Module:
-    """``torch.export.load`` then ``.module()``; the device move rewrites the graph's device constants too."""
+def _load_export(file: Path, shown: str, device: torch.device, trust: bool) -> nn.Module:
+    """``torch.export.load`` then ``.module()``; the device move rewrites the graph's device constants too.
+
+    Unless ``trust``, the archive is first inspected (:func:`export_archive.unsafe_parts`) and refused if any
+    part of it would run code. torch then reads the same open file, so the archive checked is the one loaded.
+    An untrusted program's module is built with ``check_guards=False``: its ``guards_code`` is empty (checked),
+    and torch would otherwise paste the graph's input names and values into Python source that it runs; the
+    module's forward pre-hook still checks the inputs against the program's shape constraints.
+    """
     try:
-        program = torch.export.load(str(file))
-        program = move_to_device_pass(program, device)
-        module = program.module()
-    except Exception as exc:
-        raise CheckpointError(f"cannot load torch.export archive {shown!r}: {exc}") from exc
+        handle = open(file, "rb")  # noqa: SIM115 - closed by the with below; opened apart so OSError is named
+    except OSError as exc:
+        raise CheckpointError(f"cannot read torch.export archive {shown!r}: {exc}") from exc
+    with handle:
+        if not trust:
+            try:
+                problems = unsafe_parts(handle)
+            except ValueError as exc:  # torch would fall back to its legacy loader, which unpickles
+                raise CheckpointError(f"cannot load torch.export archive {shown!r}: {exc}") from exc
+            if problems:
+                raise UntrustedCheckpointError(
+                    f"teacher checkpoint {shown!r} is a torch.export archive with parts whose loading runs code from "
+                    f"the file: {describe(problems)}. If you trust the file, pass --trust-checkpoint; otherwise "
+                    f"re-export it with torch.export.save from a plain nn.Module in eval mode, or save its weights with "
+                    f"torch.save(model.state_dict()) and load them with --arch"
+                )
+        try:
+            handle.seek(0)
+            program = torch.export.load(handle)
+            program = move_to_device_pass(program, device)
+            module = program.module() if trust else program.module(check_guards=False)
+        except Exception as exc:
+            raise CheckpointError(f"cannot load torch.export archive {shown!r}: {exc}") from exc
     _warn_training_ops(module, shown)
     return module
 
