@@ -52,6 +52,7 @@ from .manifest import (
     Manifest,
     read_manifest,
 )
+from .outputs import output_errors
 from .replay import ReplayViews, check_replayable
 from .store import ArraySpec, get_backend
 from .targets import count_dtype, encode, index_dtype
@@ -314,14 +315,32 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
-def _next_batch(batch_iter: Iterator[Any], indices: list[int]) -> Any:
-    """The next batch; a dataset that fails is reported with the indices it failed on."""
+def _next_batch(batch_iter: Iterator[Any], indices: list[int], dataset: Any = None) -> Any:
+    """The next batch; a dataset that fails is reported with the indices it failed on (and, when
+    ``dataset`` is given, the first item of the batch that fails when read again on its own)."""
     try:
         return next(batch_iter)
     except LogitCacheError:
         raise
     except Exception as exc:
-        raise DatasetError(f"loading dataset indices {indices[0]}..{indices[-1]} failed: {_one_line(exc)}") from exc
+        failing = _first_failing_item(dataset, indices) if dataset is not None else None
+        at = f" at item {failing}" if failing is not None else ""
+        hint = ""
+        if isinstance(exc, IndexError) and dataset is not None:
+            hint = (f"; the dataset's len() is {len(dataset)}, but an index below it is out of range: __len__ must "
+                    f"count only the items __getitem__ can return")
+        raise DatasetError(f"loading dataset indices {indices[0]}..{indices[-1]} failed{at}: {_one_line(exc)}{hint}") from exc
+
+
+def _first_failing_item(dataset: Any, indices: Sequence[int]) -> int | None:
+    """The first of ``indices`` whose item raises when read alone (the batch already failed, so
+    reading its items again costs nothing that matters); None if each reads fine on its own."""
+    for index in dict.fromkeys(indices):
+        try:
+            dataset[index]
+        except Exception:
+            return index
+    return None
 
 
 def _call_teacher(module: Any, inputs: Any, indices: list[int]) -> torch.Tensor:
@@ -585,6 +604,8 @@ def _in_progress_manifest(prepared: _Prepared, teacher: Teacher, layout: Layout,
             "precision": config.precision,
             "batch_size": config.batch_size,
             "world_size": dist_info.world_size,
+            # not part of the content: the same settings write the same bytes on any thread count (tests/test_determinism.py)
+            "torch_threads": torch.get_num_threads(),
         },
     )
 
@@ -663,7 +684,8 @@ def _write_batches(prepared: _Prepared, layout: Layout, batches: list[tuple[Shar
     handed (finished shards stay for --resume). Returns (rows computed, sum of top-k mass, seconds)."""
     config = prepared.config
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
-    writer = ShardedWriter(prepared.work, get_backend(config.backend), layout.specs, layout.chunk_rows, attrs)
+    with _writing(prepared):
+        writer = ShardedWriter(prepared.work, get_backend(config.backend), layout.specs, layout.chunk_rows, attrs)
     mass_total = torch.zeros((), dtype=torch.float64, device=prepared.device)
     rows = 0
     try:
@@ -704,7 +726,7 @@ def _run_shards(prepared: _Prepared, teacher: Teacher, layout: Layout,
     def step(plan: ShardPlan, rows_of_batch: list[int], batch_iter: Iterator[Any]) -> tuple[Any, torch.Tensor, int, int]:
         # messages name dataset indices: with several views a batch's rows are i * views + v
         indices = rows_of_batch if config.views == 1 else [row // config.views for row in rows_of_batch]
-        batch = _next_batch(batch_iter, indices)
+        batch = _next_batch(batch_iter, indices, prepared.resolved.dataset)
         inputs, labels = split_batch(batch, prepared.resolved.has_labels)
         if labels is not None and config.views > 1:
             labels = labels[:: config.views]  # rows are whole samples' views; labels are per sample
@@ -819,7 +841,7 @@ def _run_token_shards(prepared: _Prepared, teacher: Teacher, layout: Layout, tod
                disable=None if show_progress else True)
 
     def step(plan: ShardPlan, indices: list[int], batch_iter: Iterator[Any]) -> tuple[Any, torch.Tensor, int, int]:
-        batch: TokenBatch = _next_batch(batch_iter, indices)
+        batch: TokenBatch = _next_batch(batch_iter, indices, prepared.resolved.dataset)
         got = batch.lengths.tolist()
         want = lengths[indices].tolist()
         if got != want:
@@ -871,7 +893,9 @@ def dump(config: DumpConfig) -> DumpResult:
         # One writer per cache: a second dump of it waits here (or fails with wait=False). Ranks of a
         # torchrun dump share the work instead, coordinated by rank 0's manifest.
         lock = writer_lock(prepared.out, config.wait) if dist_info.world_size == 1 else contextlib.nullcontext()
-        with lock:
+        with contextlib.ExitStack() as held:
+            with output_errors(f"the cache {prepared.out}"):  # the lock file is the first thing written
+                held.enter_context(lock)
             if config.resume:  # whoever held the lock may have finished this very cache
                 done = check_output(prepared.out, prepared.key, config.backend, True, False)
                 if done is not None:
@@ -882,6 +906,18 @@ def dump(config: DumpConfig) -> DumpResult:
             import torch.distributed as dist
 
             dist.destroy_process_group()
+
+
+def _writing(prepared: _Prepared) -> contextlib.AbstractContextManager[None]:
+    """OS errors of writing the cache become one-line OutputErrors, saying whether the unfinished
+    dump was kept for --resume (there is none when the work directory could not even be made)."""
+
+    def kept() -> str:
+        if not prepared.work.exists():
+            return ""
+        return f"The unfinished dump stays at {prepared.work}: rerun with --resume once fixed (finished shards are kept)"
+
+    return output_errors(f"the cache {prepared.out}", kept)
 
 
 def _reused(prepared: _Prepared, done: Manifest) -> DumpResult:
@@ -918,7 +954,8 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
     plans = layout.plans
     manifest = _in_progress_manifest(prepared, teacher, layout, num_classes, dist_info)
     if dist_info.is_main:
-        manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
+        with _writing(prepared):
+            manifest = _phase(dist_info, prepare_work_dir, prepared.work, manifest, plans, backend, config.overwrite)
     else:
         _sync(dist_info, None)
     mine = split_for_rank(plans, dist_info.rank, dist_info.world_size)
@@ -934,7 +971,8 @@ def _compute(config: DumpConfig, prepared: _Prepared, dist_info: _Dist, started:
     seconds = time.perf_counter() - started
     if dist_info.is_main:
         manifest.dump["seconds"] = round(seconds, 3)
-        manifest = _phase(dist_info, finalize, prepared.work, prepared.out, manifest, plans, backend)
+        with _writing(prepared):
+            manifest = _phase(dist_info, finalize, prepared.work, prepared.out, manifest, plans, backend)
     else:
         _sync(dist_info, None)
         manifest = read_manifest(prepared.out)

@@ -83,3 +83,7 @@ class CacheBusyError(LogitCacheError, BlockingIOError):
 
 class MissingPackageError(LogitCacheError, ImportError):
     """Reading from a URL needs a package that is not installed (fsspec, or a protocol's own: s3fs, gcsfs...)."""
+
+
+class OutputError(LogitCacheError, OSError):
+    """An output location refused a write: read-only, no permission, a full disk, a file in the way."""

@@ -117,8 +117,27 @@ def dataset_fingerprint(dataset: Any, spec: str, kwargs: Mapping[str, Any]) -> s
     digest.update(canonical_json({"spec": spec, "kwargs": dict(kwargs), "length": length}).encode())
     for index in sample_indices(length):
         digest.update(f"item:{index}:".encode())
-        _update(digest, dataset[index], f"dataset item {index}")
+        _update(digest, _read_item(dataset, index, length, spec), f"dataset item {index}")
     return digest.hexdigest()
+
+
+def _read_item(dataset: Any, index: int, length: int, spec: str) -> Any:
+    """``dataset[index]``, or a DatasetError naming the index (it is one the fingerprint samples)."""
+    try:
+        return dataset[index]
+    except DatasetError:
+        raise
+    except Exception as exc:
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, IndexError):
+            fix = (f"its len() is {length}, so every index below that must give an item: make __len__ count "
+                   f"only the items __getitem__ can return")
+        else:
+            fix = "fix the dataset (set LOGIT_CACHE_TRACEBACK=1 for the traceback)"
+        raise DatasetError(
+            f"--dataset {spec!r}: reading item {index} (one the dataset fingerprint samples: 0, the last and "
+            f"evenly spaced ones) failed with {what}; {fix}"
+        ) from exc
 
 
 def canonical_json(value: Any) -> str:

@@ -105,11 +105,29 @@ def token_lengths(dataset: Any) -> np.ndarray:
     otherwise every item is read once (the dump plans its shards from these counts)."""
     own = getattr(dataset, "token_lengths", None)
     if callable(own):
-        lengths = np.asarray(own(), dtype=np.int64)
+        try:
+            lengths = np.asarray(own(), dtype=np.int64)
+        except DatasetError:
+            raise
+        except Exception as exc:
+            raise DatasetError(f"the dataset's token_lengths() failed: {type(exc).__name__}: {exc}") from exc
         if lengths.shape != (len(dataset),):
             raise DatasetError(f"token_lengths() returned shape {lengths.shape}, expected ({len(dataset)},)")
         return lengths
-    return np.fromiter((len(token_item(dataset[i], f"item {i}").ids) for i in range(len(dataset))), dtype=np.int64, count=len(dataset))
+    return np.fromiter((len(token_item(_item(dataset, i), f"item {i}").ids) for i in range(len(dataset))), dtype=np.int64,
+                       count=len(dataset))
+
+
+def _item(dataset: Any, index: int) -> Any:
+    """``dataset[index]``, or a DatasetError naming the index (the dump reads every item to plan its shards)."""
+    try:
+        return dataset[index]
+    except DatasetError:
+        raise
+    except Exception as exc:
+        fix = (f"its len() is {len(dataset)}, so every index below that must give an item: make __len__ count only the "
+               f"items __getitem__ can return" if isinstance(exc, IndexError) else "fix the dataset")
+        raise DatasetError(f"reading dataset item {index} (to count its tokens) failed with {type(exc).__name__}: {exc}; {fix}") from exc
 
 
 @dataclass
