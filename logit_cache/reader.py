@@ -12,6 +12,20 @@ DataLoader worker) or the object is pickled (spawned workers), so each process o
 Arrays already in memory survive a fork (shared copy-on-write) but not a pickle (each spawned
 worker re-reads them rather than receiving them through a pipe).
 
+Damage is detected as it is read (DESIGN.md section 4), each failure a :class:`CorruptShardError`
+naming the cache, the shard and the array or chunk, and suggesting ``logit-cache verify``:
+
+* a chunk whose bytes changed fails its checksum as it is decoded (crc32c in Zarr, fletcher32 in
+  HDF5, see :mod:`logit_cache.store.base`); a chunk missing from storage is refused, never read as
+  zeros. Shards written before chunk checksums existed read unchecked (said once, at debug level).
+* a shard is checked against its manifest entry when opened: the cache key, shard index, first row
+  and first sample it recorded at creation must be the entry's, so swapped shards or a shard of
+  another cache are named; a chunk with fewer rows than the manifest promises is refused.
+* :class:`LogitCache` refuses NaN or infinite stored values (a dump never stores them: it fails on
+  them instead), once per chunk decoded or array loaded, unless opened with ``allow_nonfinite=True``
+  (``logit-cache train --allow-nonfinite-targets``). A checksum does not catch values rewritten through
+  zarr or h5py (the library recomputes it); this check does, for non-finite ones.
+
 Read-only: shards are opened with mode ``"r"`` (Zarr and HDF5) and nothing is created, renamed or
 touched, so a cache can be read from a read-only mount, by a user with read permission only, and by
 many processes at once.
@@ -98,8 +112,34 @@ class CacheReader:
             self._shards = {}
             self._pid = os.getpid()
         if position not in self._shards:
-            self._shards[position] = self.backend.open(self.path / self.manifest.shards[position].path, self.storage_options)
+            shard = self.backend.open(shard_location(self.path, self.manifest.shards[position].path), self.storage_options)
+            try:
+                self._check_identity(position, shard)
+            except BaseException:
+                shard.close()
+                raise
+            self._shards[position] = shard
         return self._shards[position]
+
+    def _check_identity(self, position: int, shard: ShardReader) -> None:
+        """Refuse a shard that is not the one the manifest lists at ``position``: swapped with another,
+        renamed, or copied from another cache. Shards record their cache's key, their index, first row
+        and first sample as attributes when created; an attribute a shard lacks is not checked."""
+        entry = self.manifest.shards[position]
+        attrs = shard.attrs()
+        expected = {"key": self.manifest.key, "shard_index": position, "row_start": entry.row_start, "sample_start": entry.sample_start}
+        wrong = [f"its {name} is {attrs[name]!r}, the manifest's entry says {want!r}"
+                 for name, want in expected.items() if name in attrs and attrs[name] != want]
+        if wrong:
+            raise CorruptShardError(
+                f"{self.path}: shard {entry.path} (entry {position} of the manifest) is not the shard the manifest lists there: "
+                f"{'; '.join(wrong)}. Shards were swapped, renamed or copied from another cache; run `logit-cache verify "
+                f"{self.path}`, and dump the cache again if it cannot be put right"
+            )
+        names = shard.names()
+        if names and not shard.checksummed(names[0]):
+            log.debug("%s: shard %s was written without chunk checksums (an older logit-cache): its bytes are not checked as "
+                      "they are read; `logit-cache verify` still compares its checksum with the manifest's", self.path, entry.path)
 
     def read(self, name: str) -> np.ndarray:
         """One logical array across all shards, concatenated (for tests, tools and small caches)."""
@@ -120,6 +160,26 @@ class CacheReader:
         return failures
 
 
+def shard_location(cache: Path | URLPath, shard_path: str) -> Path | URLPath:
+    """Where the shard of manifest path ``shard_path`` is, refusing one outside the cache directory.
+
+    The manifest's validation already refuses absolute paths and ``..``; here a local shard path is
+    resolved (symlinks followed) and must stay inside the resolved cache directory, so a symlink
+    planted in a cache cannot make a reader open files elsewhere.
+    """
+    location = cache / shard_path
+    if isinstance(location, URLPath):
+        return location
+    root = Path(cache).resolve()
+    resolved = Path(location).resolve()
+    if root not in resolved.parents:
+        raise CorruptShardError(
+            f"{cache}: shard {shard_path} resolves to {resolved}, outside the cache directory {root} (a symlink?); "
+            f"refusing to read it. A cache's shards live inside its directory: run `logit-cache verify {cache}`"
+        )
+    return location
+
+
 def open_reader(path: str | Path, allow_incomplete: bool = False, storage_options: dict[str, Any] | None = None) -> CacheReader:
     """Open a cache for reading; refuses an incomplete one unless asked.
 
@@ -138,10 +198,12 @@ class LogitCache(CacheReader):
 
     def __init__(
         self, path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
-        storage_options: dict[str, Any] | None = None,
+        storage_options: dict[str, Any] | None = None, allow_nonfinite: bool = False,
     ) -> None:
         super().__init__(path, storage_options=storage_options)
         manifest = self.manifest
+        #: Serve NaN or infinite stored values instead of refusing them (see the module docstring).
+        self.allow_nonfinite = bool(allow_nonfinite)
         if manifest.mode not in TARGET_ARRAYS:
             raise TargetMismatchError(f"{self.path}: mode {manifest.mode!r} caches cannot be read as training targets by this version")
         if manifest.encoding not in ENCODINGS:
@@ -274,8 +336,38 @@ class LogitCache(CacheReader):
         Call it before DataLoader workers fork so they share one copy.
         """
         if self.in_memory and self._memory is None:
-            self._memory = {name: self.read(name) for name in self.names}
+            memory = {}
+            for name in self.names:
+                parts = []
+                for position, entry in enumerate(self.manifest.shards):
+                    part = self.shard(position).read(name)
+                    self._check_part(name, position, part, entry.row_start, entry.row_stop)
+                    parts.append(part)
+                memory[name] = np.concatenate(parts) if parts else np.empty((0, *self._row_shapes[name]), dtype=self._dtypes[name])
+            self._memory = memory
         return self
+
+    def _check_part(self, name: str, position: int, part: np.ndarray, first: int, stop: int) -> None:
+        """Refuse rows ``first:stop`` (cache rows) of ``name`` read from shard ``position`` when the shard
+        gave another number of rows, or (unless ``allow_nonfinite``) when they hold NaN or infinite values."""
+        entry = self.manifest.shards[position]
+        if len(part) != stop - first:
+            raise CorruptShardError(
+                f"{self.path}: shard {entry.path}, array {name!r}: rows {first - entry.row_start}:{stop - entry.row_start} gave "
+                f"{len(part)} rows, the manifest promises {stop - first}; the shard is truncated or not this cache's: "
+                f"run `logit-cache verify {self.path}`"
+            )
+        if self.allow_nonfinite or part.dtype.kind != "f" or _all_finite(part):
+            return
+        bad = np.flatnonzero(~np.isfinite(part.reshape(len(part), -1)).all(axis=1)) + first
+        shown = ", ".join(map(str, bad[:10].tolist())) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        chunk = (first - entry.row_start) // self.chunk_rows
+        where = f"chunk {chunk}" if stop - first <= self.chunk_rows else "rows"
+        raise CorruptShardError(
+            f"{self.path}: shard {entry.path}, array {name!r}, {where} (cache rows {first}:{stop}) holds NaN or infinite values "
+            f"at cache rows {shown}. A dump never stores them, so the shard was damaged or altered: run `logit-cache verify "
+            f"{self.path}`. To read it anyway, pass allow_nonfinite=True to open_cache (logit-cache train --allow-nonfinite-targets)"
+        )
 
     # The chunk cache is a slab: ``slots`` chunk-sized slots per array, a chunk -> slot map and a
     # last-use clock per slot (LRU). Rows are then gathered with one fancy index per array, whatever
@@ -311,7 +403,9 @@ class LogitCache(CacheReader):
             shard = self.shard(position)
             base = slot * self.chunk_rows
             for name in self.names:
-                self._slab[name][base : base + stop - start] = shard.read(name, start, stop)
+                part = shard.read(name, start, stop)
+                self._check_part(name, position, part, start + offset, stop + offset)
+                self._slab[name][base : base + stop - start] = part
             self._slot_of_chunk[chunk], self._chunk_in_slot[slot] = slot, chunk
             self._last_used[slot] = self._clock
             self._decodes += 1
@@ -401,9 +495,17 @@ class LogitCache(CacheReader):
         return collate(batch)
 
 
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether a float array holds no NaN or infinity. float16 by its bits: |x| below 0x7C00 (an exponent of
+    all ones is inf or NaN), 20x faster than ``np.isfinite``, whose float16 loop is not vectorised."""
+    if values.dtype == np.float16 and values.flags.c_contiguous:
+        return not values.size or int((values.view(np.uint16) & 0x7FFF).max()) < 0x7C00
+    return bool(np.isfinite(values).all())
+
+
 def open_cache(
     path: str | Path, in_memory: bool | None = None, chunk_cache_bytes: int = CHUNK_CACHE_BYTES,
-    storage_options: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None, allow_nonfinite: bool = False,
 ) -> LogitCache:
     """Open a complete cache for training (read-only; an incomplete cache is refused).
 
@@ -411,5 +513,8 @@ def open_cache(
     (needs fsspec and the protocol's package; ``storage_options`` go to fsspec).
     ``in_memory``: None (default) holds the targets in memory when they decode to at most 512 MiB,
     else reads chunks through an LRU of ``chunk_cache_bytes`` per process; True/False force it.
+    ``allow_nonfinite``: serve NaN or infinite stored values instead of raising :class:`CorruptShardError`
+    (a dump never stores them, so they mean a damaged cache).
     """
-    return LogitCache(path, in_memory=in_memory, chunk_cache_bytes=chunk_cache_bytes, storage_options=storage_options)
+    return LogitCache(path, in_memory=in_memory, chunk_cache_bytes=chunk_cache_bytes, storage_options=storage_options,
+                      allow_nonfinite=allow_nonfinite)

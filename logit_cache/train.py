@@ -42,6 +42,7 @@ from .errors import TargetMismatchError, UsageError
 from .loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
 from .losses import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
 from .manifest import write_json_atomic
+from .outputs import check_writable, output_errors
 from .reader import LogitCache, open_cache
 from .replay import preserved_rng
 from .spec import resolve_callable
@@ -83,6 +84,7 @@ class TrainConfig:
     kd_end: float = 1.0
     teachers_per_step: int | None = None  # several caches: a random subset of this many per step
     verify: str = "fingerprint"
+    allow_nonfinite_targets: bool = False  # read NaN/inf cached targets instead of refusing them (a damaged cache)
     seed: int = 0
     device: str = "auto"
     num_workers: int = 0
@@ -229,8 +231,9 @@ def train(config: TrainConfig) -> TrainResult:
     """Train a student as ``config`` says; save it, its sidecar and its metrics; return the metrics."""
     config.validate()
     device = resolve_device(config.device)
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    # Every output is checked writable now, not found unwritable after the training.
+    for path, what in zip(output_paths(config), ("--out", "the sidecar of --out", "--metrics"), strict=True):
+        check_writable(path, what)
     # The student's initialisation, and any augmentation the dataset draws from the global generators
     # (torch, numpy, random), depend only on the seed.
     torch.manual_seed(config.seed)
@@ -247,11 +250,12 @@ def train(config: TrainConfig) -> TrainResult:
         raise UsageError(f"--dataset {config.dataset!r} has no labels: set --org-loss-weight 0 to train on the teacher alone")
     if config.labels_only and not data.has_labels:
         raise UsageError(f"--labels-only needs labels, but --dataset {config.dataset!r} has none")
-    caches = [open_cache(path) for path in config.caches]
+    caches = [open_cache(path, allow_nonfinite=config.allow_nonfinite_targets) for path in config.caches]
     train_set, sampler, collate_fn, teacher = training_data(config, data, caches, device, None)
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
     # the eval data paired with its cache once, here: the pairing check reads items, so not every epoch
-    eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache)]) if config.eval_cache and eval_data else None
+    eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache, allow_nonfinite=config.allow_nonfinite_targets)]) \
+        if config.eval_cache and eval_data else None
 
     # -- model, loss, optimiser -------------------------------------------------------------------
     student = _build_student(config, device)
@@ -334,14 +338,31 @@ def train(config: TrainConfig) -> TrainResult:
     return save_student(config, student, history, train_seconds, teacher_seconds, temperature, caches, teacher, device)
 
 
+def output_paths(config: TrainConfig) -> tuple[Path, Path, Path]:
+    """The files a run writes: the weights (``--out``), the sidecar beside them and the metrics."""
+    out = Path(config.out)
+    return out, out.with_suffix(".json"), Path(config.metrics) if config.metrics else out.with_suffix(".metrics.json")
+
+
 def save_student(config: TrainConfig, student: nn.Module, history: list[dict[str, Any]], train_seconds: float,
                  teacher_seconds: float, temperature: float | None, caches: list[LogitCache], teacher: Any,
                  device: torch.device) -> TrainResult:
     """Save the weights (atomically), the metrics and the sidecar that says how they were trained."""
-    out = Path(config.out)
-    sidecar, metrics_path = out.with_suffix(".json"), Path(config.metrics) if config.metrics else out.with_suffix(".metrics.json")
+    out, sidecar, metrics_path = output_paths(config)
+    with output_errors(f"the student {out}"):  # e.g. a disk that filled up during the training
+        _save_files(config, student, history, train_seconds, teacher_seconds, temperature, caches, teacher, device)
+    for cache in caches:
+        cache.close()
+    return TrainResult(out, sidecar, metrics_path, history, train_seconds, teacher_seconds, temperature)
+
+
+def _save_files(config: TrainConfig, student: nn.Module, history: list[dict[str, Any]], train_seconds: float,
+                teacher_seconds: float, temperature: float | None, caches: list[LogitCache], teacher: Any,
+                device: torch.device) -> None:
+    out, sidecar, metrics_path = output_paths(config)
     partial = out.with_name(out.name + ".partial")
-    torch.save(student.state_dict(), partial)
+    with open(partial, "wb") as handle:  # through a Python file, a full disk is an OSError (torch's own writer says RuntimeError)
+        torch.save(student.state_dict(), handle)
     os.replace(partial, out)
     summary = {"epochs": history, "train_seconds": train_seconds, "teacher_seconds": teacher_seconds}
     write_json_atomic(metrics_path, summary)
@@ -355,7 +376,4 @@ def save_student(config: TrainConfig, student: nn.Module, history: list[dict[str
         "config": asdict(config), "final": history[-1], "train_seconds": train_seconds, "teacher_seconds": teacher_seconds,
         "tool_version": __version__, "torch_version": torch.__version__, "device": str(device),
     })
-    for cache in caches:
-        cache.close()
-    return TrainResult(out, sidecar, metrics_path, history, train_seconds, teacher_seconds, temperature)
 

@@ -112,7 +112,7 @@ def evaluate_tokens(student: nn.Module, data: ResolvedDataset, device: torch.dev
 def train_tokens(config: TrainConfig, data: ResolvedDataset, device: torch.device) -> TrainResult:
     """The token-level twin of :func:`train.train` (module docstring); called by it for token data."""
     # -- data and targets ------------------------------------------------------------------------------
-    caches: list[LogitCache] = [open_cache(path) for path in config.caches]
+    caches: list[LogitCache] = [open_cache(path, allow_nonfinite=config.allow_nonfinite_targets) for path in config.caches]
     for cache in caches:
         if not cache.per_token:
             raise TargetMismatchError(f"{cache.path} holds one distribution per sample, but --dataset {config.dataset!r} "
@@ -121,7 +121,8 @@ def train_tokens(config: TrainConfig, data: ResolvedDataset, device: torch.devic
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
     if eval_data is not None and not eval_data.per_token:
         raise UsageError(f"--eval-dataset {config.eval_dataset!r} does not hold token sequences, unlike --dataset {config.dataset!r}")
-    eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache)]) if config.eval_cache and eval_data else None
+    eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache, allow_nonfinite=config.allow_nonfinite_targets)]) \
+        if config.eval_cache and eval_data else None
 
     # -- model, loss weights, optimiser --------------------------------------------------------------------
     student = _build_student(config, device)

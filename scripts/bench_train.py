@@ -560,7 +560,7 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher_path: Path, arc
                                 dataset=f"{BENCH_DUMP}:synthetic_dataset", dataset_kwargs=dataset_kwargs, out=str(out),
                                 mode=mode, k=args.k if mode == "topk" else None, dtype="float16", backend=backend,
                                 batch_size=args.batch_size, num_workers=0, device=args.device,
-                                precision=args.dump_precision, overwrite=not args.reuse, quiet=True)
+                                precision=args.dump_precision, overwrite=not args.reuse, resume=args.reuse, quiet=True)
             record: dict[str, Any] = {"backend": backend, "mode": mode}
             with timed(record):
                 result = dump(config)

@@ -159,8 +159,9 @@ def test_a_flipped_byte_is_caught_and_the_shard_named(cli, copy_of, backend):
     report = verify_cache(cache, progress=False)
     assert not report.ok
     shard = f"shard-00001{'.zarr' if backend == 'zarr' else '.h5'}"
-    assert len(report.failures) == 1 and report.failures[0].startswith(f"{shard}: checksum sha256:")
-    assert "does not match the manifest's sha256:" in report.failures[0]
+    # The chunk's own checksum (crc32c / fletcher32) fails as it is read, naming the array and chunk.
+    assert len(report.failures) == 1 and report.failures[0].startswith(f"{shard}: cannot be read whole:")
+    assert "array 'logits' chunk 0 (rows 0:" in report.failures[0] and "it fails its checksum" in report.failures[0]
     result = cli("verify", cache)
     assert result.exit_code == 1
     lines = lines_of(result)
@@ -215,7 +216,9 @@ def test_arrays_that_disagree_with_the_manifest_are_named(copy_of):
         assert f"{shard}/topk_indices: shape [{rows}, 4], the manifest says [{rows}, 5]" in report.failures
         assert f"{shard}/ghost: missing: the manifest lists this array but the shard does not hold it" in report.failures
         assert f"{shard}/logsumexp: the shard holds this array but the manifest lists no such array" in report.failures
-    assert len(report.failures) == 12  # the checksums still match: the bytes are unchanged
+    # and the manifest's own fields (dtype float16, k=4) no longer fit the arrays it lists
+    assert report.failures[0].startswith("manifest.json: the manifest's fields (mode=topk, k=4, num_classes=10, dtype=float16")
+    assert len(report.failures) == 13  # the checksums still match: the bytes are unchanged
 
 
 def test_per_sample_arrays_have_a_row_per_sample(copy_of, teacher, tmp_path):

@@ -9,6 +9,13 @@ Checksum: for each array, SHA-256 over its C-order bytes as stored, in row order
 checksum is SHA-256 over ``name:dtype:shape:digest;`` for the arrays sorted by name, written as
 ``"sha256:<hex>"``. It is computed while writing (no read-back) and recomputed by re-reading.
 
+Damage is found as the bytes are read, not only by ``verify``: every chunk carries a checksum of its
+stored bytes (Zarr v3's ``crc32c`` codec, last in each array's codec pipeline; HDF5's built-in
+``fletcher32`` filter), checked by the library that decodes it, so any Zarr or h5py reader checks it
+too. Every chunk of such an array is written (Zarr: ``write_empty_chunks``), so a chunk that is not in
+storage is damage: :meth:`ShardReader.read` refuses it instead of returning the fill value. Shards
+written before chunk checksums existed read as before, unchecked.
+
 Reading is read-only: readers open Zarr groups and HDF5 files with mode ``"r"`` and write nothing.
 A cache may also be read from an fsspec URL (``s3://``, ``gs://``, ``memory://``, ``file://``...):
 :func:`is_url` tells URLs from local paths, :class:`URLPath` joins them like a :class:`Path`, and
@@ -20,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -155,6 +162,8 @@ class ShardReader(ABC):
     """
 
     path: Path | URLPath
+    #: Per array, the chunks missing from storage (filled in on the first read; subclasses set it to {}).
+    _missing: dict[str, frozenset[int]]
 
     @abstractmethod
     def names(self) -> list[str]: ...
@@ -183,15 +192,69 @@ class ShardReader(ABC):
     def dtype(self, name: str) -> np.dtype:
         return np.dtype(self._lookup(name).dtype)
 
+    def attrs(self) -> dict[str, Any]:
+        """The shard's attributes (as written at creation: key, shard_index, row_start, sample_start)."""
+        return {}
+
+    def checksummed(self, name: str) -> bool:
+        """Whether the chunks of array ``name`` carry checksums, checked as they are decoded."""
+        return False
+
+    def _stored_chunks(self, name: str) -> set[int] | None:
+        """Indices (along rows) of the chunks of ``name`` present in storage; None when it cannot be told."""
+        return None
+
+    def _damaged(self, name: str, what: str) -> CorruptShardError:
+        return CorruptShardError(
+            f"{self.path}: array {name!r} {what}; the shard is damaged: run `logit-cache verify {self.path.parent}` "
+            f"to see what else is, and dump the cache again"
+        )
+
+    def _check_present(self, name: str, array: Any, start: int | None, stop: int | None) -> None:
+        """Refuse a read of chunks missing from storage (which zarr and HDF5 fill with the fill value).
+
+        Only for checksummed arrays: their writer stores every chunk, so an absent one is damage. The
+        listing is taken once per array and reader (one directory listing).
+        """
+        missing = self._missing.get(name)
+        if missing is None:
+            stored = self._stored_chunks(name) if self.checksummed(name) else None
+            count = -(-int(array.shape[0]) // self.chunk_rows(name))
+            missing = self._missing[name] = frozenset() if stored is None else frozenset(set(range(count)) - stored)
+        if not missing:  # the usual case: one dict lookup per read
+            return
+        rows, chunk = int(array.shape[0]), self.chunk_rows(name)
+        first, last, _ = slice(start, stop).indices(rows)
+        hit = sorted(i for i in missing if i * chunk < last and (i + 1) * chunk > first)
+        if hit:
+            shown = ", ".join(f"{i} (rows {i * chunk}:{min(rows, (i + 1) * chunk)})" for i in hit[:5])
+            raise self._damaged(name, f"chunk {shown} is missing from storage ({len(missing)} of the array's chunks are); "
+                                      f"it would read back as the fill value, not as what was written")
+
     def read(self, name: str, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """Rows ``start:stop`` of an array as numpy; decode failures name the shard and array."""
+        """Rows ``start:stop`` of an array as numpy; missing chunks and decode failures (a chunk checksum
+        that does not match) raise :class:`CorruptShardError` naming the shard, array and rows."""
         array = self._lookup(name)
+        self._check_present(name, array, start, stop)
         try:
             return np.asarray(array[slice(start, stop)])
         except Exception as exc:
-            raise CorruptShardError(
-                f"{self.path}: array {name!r} rows {start}:{stop} cannot be read ({exc!r}); the shard is damaged"
-            ) from exc
+            rows, chunk = int(array.shape[0]), self.chunk_rows(name)
+            first, last, _ = slice(start, stop).indices(rows)
+            low, high = first // chunk, max(first, last - 1) // chunk
+            bad = next((i for i in range(low, high + 1) if not self._readable(array, i * chunk, (i + 1) * chunk)), None) \
+                if high > low else low
+            where = f"chunk {bad} (rows {bad * chunk}:{min(rows, (bad + 1) * chunk)})" if bad is not None else f"rows {first}:{last}"
+            why = "it fails its checksum or does not decode" if self.checksummed(name) else "it does not decode"
+            raise self._damaged(name, f"{where} cannot be read: {why} ({exc!r})") from exc
+
+    @staticmethod
+    def _readable(array: Any, start: int, stop: int) -> bool:
+        try:
+            array[start:stop]
+        except Exception:
+            return False
+        return True
 
     def chunk_rows(self, name: str) -> int:
         """Rows per stored chunk of an array: the cheapest unit to read (a whole array if unchunked)."""
@@ -204,13 +267,16 @@ class ShardReader(ABC):
         for start in range(0, rows, block_rows):
             yield self.read(name, start, min(rows, start + block_rows))
 
-    def checksum(self) -> str:
-        """Recompute the shard checksum by re-reading every array."""
+    def checksum(self, observe: Callable[[str, int, np.ndarray], None] | None = None) -> str:
+        """Recompute the shard checksum by re-reading every array; ``observe(name, first_row, block)``,
+        when given, sees every block read (``verify`` checks value ranges in the same pass)."""
         parts = {}
         for name in self.names():
             digest = hashlib.sha256()
-            for block in self.blocks(name):
+            for index, block in enumerate(self.blocks(name)):
                 digest.update(np.ascontiguousarray(block).tobytes())
+                if observe is not None:
+                    observe(name, index * READ_BLOCK_ROWS, block)
             parts[name] = (self.dtype(name).name, self.shape(name), digest.hexdigest())
         return combine_checksum(parts)
 

@@ -4,6 +4,11 @@ Top-k arrays are compressed with Blosc-zstd level 1 and bit-shuffle (1.4x to 1.7
 to decode); full logits are stored uncompressed because fp16 logits barely compress (1.09x,
 DESIGN.md section 6) and the CPU is better spent elsewhere. Writes arrive in whole chunks (the base
 class buffers), since partial-chunk writes are read-modify-write in zarr.
+
+Integrity: every array ends its codec pipeline with ``crc32c`` (a core Zarr v3 codec; zarr checks it
+on every decode, for any reader), and is created with ``write_empty_chunks`` so that every chunk is
+stored, even one equal to the fill value: a chunk missing from storage is then damage, refused by the
+reader (zarr itself would return the fill value). crc32c costs 4 bytes per chunk.
 """
 
 from __future__ import annotations
@@ -14,16 +19,18 @@ from typing import Any
 
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Crc32cCodec
+from zarr.core.sync import collect_aiterator
 
 from ..errors import CorruptShardError
 from .base import ArraySpec, Backend, ShardReader, ShardWriter, URLPath, is_url, url_filesystem
 
 
-def _compressors(spec: ArraySpec) -> Any:
+def _compressors(spec: ArraySpec) -> tuple[Any, ...]:
+    """The bytes-to-bytes codecs of an array: Blosc when compressed, then always the chunk's crc32c."""
     if not spec.compress:
-        return None
-    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=np.dtype(spec.dtype).itemsize)
+        return (Crc32cCodec(),)
+    return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=np.dtype(spec.dtype).itemsize), Crc32cCodec()
 
 
 class ZarrShardWriter(ShardWriter):
@@ -40,6 +47,7 @@ class ZarrShardWriter(ShardWriter):
                 dtype=spec.dtype,
                 compressors=_compressors(spec),
                 fill_value=0,
+                config={"write_empty_chunks": True},  # every chunk stored: an absent one is damage
             )
             for spec in specs
         }
@@ -77,9 +85,26 @@ class ZarrShardReader(ShardReader):
         except Exception as exc:
             raise CorruptShardError(f"{path}: cannot be opened as a Zarr v3 group ({exc!r}); the shard is missing or damaged") from exc
         self._arrays: dict[str, Any] = {}
+        self._missing = {}
 
     def names(self) -> list[str]:
         return self._names
+
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group.attrs)
+
+    def checksummed(self, name: str) -> bool:
+        return any(isinstance(codec, Crc32cCodec) for codec in self._lookup(name).metadata.codecs)
+
+    def _stored_chunks(self, name: str) -> set[int]:
+        """Row-chunk indices whose chunk key is in the store: one listing of the array's prefix."""
+        array = self._lookup(name)
+        prefix = array.store_path.path
+        keys = set(collect_aiterator(array.store_path.store.list_prefix(f"{prefix}/" if prefix else "")))
+        rest = (0,) * (array.ndim - 1)  # rows are chunked, a row never is
+        rows, chunk = int(array.shape[0]), int(array.chunks[0])
+        joined = (lambda key: f"{prefix}/{key}") if prefix else (lambda key: key)
+        return {i for i in range(-(-rows // chunk)) if joined(array.metadata.encode_chunk_key((i, *rest))) in keys}
 
     def _array(self, name: str) -> Any:
         if name not in self._arrays:
