@@ -6,13 +6,14 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import click
 
 from . import __version__
-from .catalog import ROOT_ENV, directory_bytes, gc_candidates, list_caches, remove_cache
+from .catalog import ROOT_ENV, caches_by_key, check_removable, directory_bytes, gc_candidates, list_caches, remove_cache
 from .dump import DumpConfig, DumpResult, dump
 from .errors import LogitCacheError, UsageError
 from .manifest import Manifest, read_manifest
@@ -62,18 +63,23 @@ def main() -> None:
 @main.command("dump")
 @click.option("--teacher", "teacher", required=True, metavar="CKPT",
               help="Teacher checkpoint: a state_dict (plain, {'model': ...}, Lightning, Composer; needs --arch), "
-                   "a TorchScript archive, a torch.export .pt2 archive, a pickled nn.Module (needs --trust-checkpoint), "
+                   "a TorchScript archive, a torch.export .pt2 archive (one holding pickles, compiled code or Python source "
+                   "needs --trust-checkpoint), a pickled nn.Module (needs --trust-checkpoint), "
                    "or hf:DIR, a local Hugging Face causal-LM directory (save_pretrained; needs the 'hf' extra).")
 @click.option("--arch", metavar="MODULE:CALLABLE",
-              help="Builds the teacher's architecture for a state_dict, e.g. torchvision.models:resnet18 or models.py:make_net.")
+              help="Builds the teacher's architecture for a state_dict, e.g. torchvision.models:resnet18 or models.py:make_net. "
+                   "Imports MODULE and runs its code; the current directory is searched after installed packages.")
 @click.option("--arch-kwargs", metavar="JSON", help="Keyword arguments for --arch, as a JSON object, e.g. '{\"num_classes\": 10}'.")
 @click.option("--trust-checkpoint", is_flag=True,
-              help="Allow unpickling a whole nn.Module. Unpickling runs arbitrary code from the file: only for files you trust.")
+              help="Allow loading a teacher file whose loading runs code from it: a pickled whole nn.Module, or a .pt2 archive "
+                   "with pickled parts, AOTInductor code or Python source (guards, shape expressions). Only for files you trust.")
 @click.option("--dataset", required=True, metavar="SPEC",
               help="'digits' (built in, scikit-learn's handwritten digits), 'text' (built in, byte-level windows of Python's "
                    "pydoc texts), tokens:PATH.npy (a flat token-id array cut into windows: --dataset-kwargs "
                    "'{\"seq_len\": 128, \"stride\": 128}'), or MODULE:CALLABLE returning a map-style Dataset whose items "
-                   "are (input, label) or input; for language models, token ids, (ids, labels) or {input_ids, attention_mask}.")
+                   "are (input, label) or input; for language models, token ids, (ids, labels) or {input_ids, attention_mask}. "
+                   "A MODULE:CALLABLE spec imports MODULE and runs its code; the current directory is searched after installed "
+                   "packages (name a local file as path/to/file.py:CALLABLE).")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"test\"}'.")
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Cache directory to create. Written as DIR.partial and renamed to DIR once complete.")
@@ -301,8 +307,14 @@ def ls_command(root: Path | None, as_json: bool) -> None:
         record = entry.to_json()
         status = "complete" if entry.complete else ("WRITING" if entry.locked else "INCOMPLETE")
         if entry.manifest is None:
-            state = "INCOMPLETE (no manifest yet)" if entry.path.name.endswith(".partial") else f"DAMAGED: {entry.error}"
-            lines.append(["?", "?", "?", "?", "?", _human_bytes(entry.bytes_on_disk), "?", state, "?", entry.path.name])
+            if entry.unreadable:
+                state = f"UNREADABLE: {entry.error}"
+            elif entry.unfinished:
+                detail = " (no manifest yet)" if entry.error is None else f": {entry.error}"
+                state = ("WRITING" if entry.locked else "INCOMPLETE") + detail
+            else:
+                state = f"DAMAGED: {entry.error}"
+            lines.append([entry.key, "?", "?", "?", "?", _human_bytes(entry.bytes_on_disk), "?", state, "?", entry.path.name])
             continue
         what = {"topk": f"top-{record['k']}", "sampled": f"sample-{record.get('m')}"}.get(record["mode"], record["mode"])
         what += f" {record['dtype']} {record['backend']}" + (f" x{record['views']} views" if record["views"] > 1 else "")
@@ -317,18 +329,29 @@ def ls_command(root: Path | None, as_json: bool) -> None:
         click.echo(f"(no caches under {root or os.environ.get(ROOT_ENV)})")
 
 
-def _confirm_and_delete(targets: list[tuple[Path, str]], yes: bool) -> None:
+def _confirm_and_delete(targets: list[tuple[Path, str, Callable[[], None]]], yes: bool) -> None:
+    """List ``targets`` (path, why, delete), ask unless ``yes``, delete each; one that cannot be deleted
+    (a writer took its lock meanwhile, it vanished, it is not ours) is reported in one line and the rest
+    go on; the exit status is 1 if any failed."""
     if not targets:
         click.echo("nothing to delete")
         return
-    for path, why in targets:
+    for path, why, _ in targets:
         click.echo(f"  {path}  ({why}, {_human_bytes(directory_bytes(path))})")
     if not yes and not click.confirm(f"delete these {len(targets)}?", default=False):
         click.echo("nothing deleted")
         return
-    for path, _ in targets:
-        remove_cache(path)
+    failed = 0
+    for path, _, delete in targets:
+        try:
+            delete()
+        except LogitCacheError as exc:
+            failed += 1
+            click.echo(f"error: not deleted: {exc}", err=True)
+            continue
         click.echo(f"deleted {path}")
+    if failed:
+        sys.exit(1)
 
 
 @main.command("rm")
@@ -338,21 +361,22 @@ def _confirm_and_delete(targets: list[tuple[Path, str]], yes: bool) -> None:
 def rm_command(caches: tuple[str, ...], root: Path | None, yes: bool) -> None:
     """Delete caches: directories, or keys under a cache root. Asks first.
 
-    Only directories holding a logit-cache manifest (or unfinished .partial dumps) are deleted, and
-    never one that a running dump is writing.
+    A key must be given whole, or as a prefix of at least 4 characters that starts only one key; the
+    readable part of a name is never matched. Only directories that are provably logit-cache's are
+    deleted (a logit-cache manifest, or an unfinished .partial dump with its marker), never one that a
+    running dump is writing, never through a symbolic link. A cache is renamed to a hidden name before
+    it is deleted, so an interrupted rm leaves nothing that can be taken for a cache.
     """
     try:
-        targets = []
+        targets: list[tuple[Path, str, Callable[[], None]]] = []
         for name in caches:
             path = Path(name)
-            if not path.exists():
-                base = _root_or_env(root)
-                matches = sorted(p for p in base.glob(f"*--{name}*") if p.is_dir()) if base.is_dir() else []
-                if not matches:
-                    raise UsageError(f"{name}: no such cache directory, and no cache of that key under {base}")
-                targets += [(match, "by key") for match in matches]
-            else:
-                targets.append((path, "named"))
+            if path.exists() or path.is_symlink():
+                check_removable(path)  # a link, someone else's folder: refused before anything is listed
+                targets.append((path, "named", lambda path=path: remove_cache(path)))
+                continue
+            for entry in caches_by_key(_root_or_env(root), name):
+                targets.append((entry.path, f"key {entry.key}", lambda path=entry.path: remove_cache(path)))
         _confirm_and_delete(targets, yes)
     except LogitCacheError as exc:
         _fail(exc)
@@ -367,33 +391,40 @@ def rm_command(caches: tuple[str, ...], root: Path | None, yes: bool) -> None:
 def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
     """Delete unfinished dumps no one is writing (and, with --unused-days, unused caches) under a root.
 
+    Also deletes what interrupted work left: hidden tombstones of deletions, NAME.replaced-PID of an
+    interrupted --overwrite, stale locks, temporary manifests. Never deletes what is not provably
+    logit-cache's, what a live writer holds the lock of, or a cache whose manifest cannot be read.
     Lists what it would delete and asks first.
     """
     try:
         candidates = gc_candidates(_root_or_env(root), unused_days)
-        _confirm_and_delete([(entry.path, why) for entry, why in candidates], yes)
+        _confirm_and_delete([(c.path, c.why, c.delete) for c in candidates], yes)
     except LogitCacheError as exc:
         _fail(exc)
 
 
 @main.command("train")
 @click.option("--student", required=True, metavar="MODULE:CALLABLE",
-              help="Builds the student nn.Module, e.g. logit_cache.models:digits_mlp or models.py:make_student.")
+              help="Builds the student nn.Module, e.g. logit_cache.models:digits_mlp or models.py:make_student. Imports MODULE "
+                   "and runs its code; the current directory is searched after installed packages.")
 @click.option("--student-kwargs", metavar="JSON", help="Keyword arguments for --student, e.g. '{\"hidden\": 16, \"depth\": 1}'.")
 @click.option("--dataset", required=True, metavar="SPEC",
-              help="The training data, as for dump: 'digits' or MODULE:CALLABLE. With --cache it must be the data the cache "
-                   "was dumped from (checked by length and fingerprint).")
+              help="The training data, as for dump: 'digits' or MODULE:CALLABLE (imports MODULE and runs its code). With --cache "
+                   "it must be the data the cache was dumped from (checked by length and fingerprint).")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"train\"}'.")
 @click.option("--cache", "caches", multiple=True, metavar="DIR",
               help="Cached KD: targets from this cache (a directory, or an fsspec URL such as s3://bucket/cache). Repeat for "
                    "several teachers (averaged in probability space).")
 @click.option("--teacher", metavar="CKPT", help="Online KD (a baseline): run this teacher on every batch; loaded as dump loads it.")
-@click.option("--arch", metavar="MODULE:CALLABLE", help="With --teacher: builds its architecture for a state_dict.")
+@click.option("--arch", metavar="MODULE:CALLABLE",
+              help="With --teacher: builds its architecture for a state_dict (imports MODULE and runs its code).")
 @click.option("--arch-kwargs", metavar="JSON", help="With --teacher: keyword arguments for --arch.")
-@click.option("--trust-checkpoint", is_flag=True, help="With --teacher: allow unpickling a whole nn.Module (runs code from the file).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="With --teacher: allow a teacher file whose loading runs code from it (a pickled nn.Module; a .pt2 archive "
+                   "with pickled parts, AOTInductor code or Python source). Only for files you trust.")
 @click.option("--labels-only", is_flag=True, help="No teacher at all (a baseline): cross-entropy on the labels.")
 @click.option("--eval-dataset", metavar="SPEC", help="Data to evaluate on after each epoch (accuracy), e.g. digits with "
-              "--eval-dataset-kwargs '{\"split\": \"test\"}'.")
+              "--eval-dataset-kwargs '{\"split\": \"test\"}'; a MODULE:CALLABLE spec imports MODULE and runs its code.")
 @click.option("--eval-dataset-kwargs", metavar="JSON", help="Keyword arguments for --eval-dataset.")
 @click.option("--eval-cache", metavar="DIR",
               help="A cache of the eval data: also report the eval KL(teacher || student) at T=1.")
@@ -422,6 +453,10 @@ def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
 @click.option("--verify", type=click.Choice(["fingerprint", "length"]), default="fingerprint", show_default=True,
               help="How to check that --dataset is the cache's data: fingerprint (length and sampled content) or length only "
                    "(for data you augment on purpose).")
+@click.option("--allow-nonfinite-targets", is_flag=True,
+              help="Train on cached targets that hold NaN or infinite values instead of stopping. A dump never stores them, "
+                   "so they mean a damaged cache (check it with logit-cache verify); without this flag training stops "
+                   "naming the cache, shard and rows.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the student's initialisation and the data order.")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
 @click.option("--num-workers", type=int, default=0, show_default=True, help="DataLoader worker processes.")
@@ -434,7 +469,7 @@ def train_command(student: str, student_kwargs: str | None, dataset: str, datase
                   batch_size: int, lr: float, weight_decay: float, optimizer: str, temperature: float | None,
                   kd_loss_weight: float, org_loss_weight: float, tail: str | None, kd_start: float, kd_end: float,
                   teachers_per_step: int | None, verify: str, seed: int, device: str, num_workers: int,
-                  metrics: Path | None, quiet: bool) -> None:
+                  metrics: Path | None, quiet: bool, allow_nonfinite_targets: bool = False) -> None:
     """Train a student from cached teacher targets (or a baseline).
 
     The soft targets come from one of: --cache DIR (cached KD: the teacher never runs), --teacher CKPT
@@ -463,7 +498,7 @@ def train_command(student: str, student_kwargs: str | None, dataset: str, datase
             weight_decay=weight_decay, optimizer=optimizer, temperature=temperature, kd_loss_weight=kd_loss_weight,
             org_loss_weight=org_loss_weight, tail=tail, kd_start=kd_start, kd_end=kd_end,
             teachers_per_step=teachers_per_step, verify=verify, seed=seed, device=device, num_workers=num_workers,
-            metrics=str(metrics) if metrics else None, quiet=quiet,
+            metrics=str(metrics) if metrics else None, quiet=quiet, allow_nonfinite_targets=allow_nonfinite_targets,
         )
         result = train(config)
     except LogitCacheError as exc:
@@ -518,10 +553,15 @@ def demo_command(workdir: Path | None, seed: int, epochs: int, topk: int, quiet:
 @click.argument("cache", type=click.Path(path_type=Path), metavar="DIR")
 @click.option("--teacher", metavar="CKPT", help="Also re-run this teacher on --samples random samples and compare with the cache "
               "(needs --dataset). Loaded as dump loads it.")
-@click.option("--arch", metavar="MODULE:CALLABLE", help="With --teacher: builds its architecture for a state_dict (as at dump time).")
+@click.option("--arch", metavar="MODULE:CALLABLE",
+              help="With --teacher: builds its architecture for a state_dict (as at dump time; imports MODULE and runs its code).")
 @click.option("--arch-kwargs", metavar="JSON", help="With --teacher: keyword arguments for --arch, as a JSON object.")
-@click.option("--trust-checkpoint", is_flag=True, help="With --teacher: allow unpickling a whole nn.Module (runs code from the file).")
-@click.option("--dataset", metavar="SPEC", help="With --teacher: the data the cache was dumped from ('digits' or MODULE:CALLABLE).")
+@click.option("--trust-checkpoint", is_flag=True,
+              help="With --teacher: allow a teacher file whose loading runs code from it (a pickled nn.Module; a .pt2 archive "
+                   "with pickled parts, AOTInductor code or Python source). Only for files you trust.")
+@click.option("--dataset", metavar="SPEC",
+              help="With --teacher: the data the cache was dumped from ('digits' or MODULE:CALLABLE, which imports MODULE and runs "
+                   "its code).")
 @click.option("--dataset-kwargs", metavar="JSON", help="With --teacher: keyword arguments for the dataset.")
 @click.option("--samples", type=int, default=32, show_default=True,
               help="With --teacher: how many random samples (and, for caches of several views, random views) to compare.")

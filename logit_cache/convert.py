@@ -7,7 +7,10 @@ the dtype of the logit values (``logits`` / ``topk_logits``) changed. Ids, ``log
 ``labels`` are copied as they are. Like a dump, it writes into ``DST.partial`` and renames it to
 ``DST`` only after every shard is closed and the complete manifest is written, so ``DST`` existing
 means a whole cache; a conversion that fails removes its ``DST.partial`` (there is nothing to
-resume: a conversion is cheap to rerun), one that is killed leaves it for ``--overwrite``.
+resume: a conversion is cheap to rerun), one that is killed leaves it for ``--overwrite``. Like a
+dump, it holds the writer's lock of ``DST`` (``catalog.writer_lock``) throughout, so ``gc`` and ``rm``
+leave its ``DST.partial`` alone, and if that directory vanishes anyway (deleted by hand) it fails
+with a message instead of putting a broken cache in place.
 
 Reading is shard by shard and, within a shard, array by array in blocks of whole chunks of about
 ``BLOCK_BYTES``, so memory stays flat whatever the shard size.
@@ -32,6 +35,7 @@ teacher hash, dataset fingerprint, mode, k, views and seed:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import hashlib
@@ -45,7 +49,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from . import __version__
-from .catalog import directory_bytes
+from .catalog import directory_bytes, writer_lock
 from .dump import array_specs
 from .errors import (
     CacheFormatError,
@@ -59,7 +63,15 @@ from .fingerprint import content_key
 from .manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
 from .reader import CacheReader, open_reader
 from .store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
-from .writer import move_into_place, partial_path, remove_path
+from .writer import (
+    check_work_intact,
+    discard_dir,
+    is_empty_dir,
+    move_into_place,
+    partial_path,
+    why_not_ours,
+    write_work_marker,
+)
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +144,7 @@ def _check_paths(src: Path, dst: Path) -> None:
 
 def _check_destination(dst: Path, work: Path, overwrite: bool, key: str, backend: str) -> None:
     """Refuse to clobber anything but a logit-cache cache, and that only with ``overwrite``."""
-    if dst.exists():
+    if dst.exists() or dst.is_symlink():
         has_manifest = (dst / MANIFEST_NAME).is_file()
         if not overwrite:
             same = ""
@@ -144,15 +156,23 @@ def _check_destination(dst: Path, work: Path, overwrite: bool, key: str, backend
                 except CacheFormatError:
                     pass
             raise OutputExistsError(f"{dst} already exists{same}; pass --overwrite to replace it, or choose another DST")
-        if not has_manifest and (dst.is_file() or any(dst.iterdir())):
+        why = None if is_empty_dir(dst) else why_not_ours(dst)
+        if why is not None:
             raise OutputExistsError(
-                f"{dst} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with --overwrite; "
+                f"{dst} exists and is not a logit-cache cache ({why}); refusing to delete it with --overwrite; "
                 f"choose another DST"
             )
-    if work.exists() and not overwrite:
-        raise OutputExistsError(
-            f"{work} exists: an unfinished dump or conversion into {dst}; pass --overwrite to discard it, or choose another DST"
-        )
+    if work.exists() or work.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(
+                f"{work} exists: an unfinished dump or conversion into {dst}; pass --overwrite to discard it, or choose another DST"
+            )
+        why = None if is_empty_dir(work) else why_not_ours(work)
+        if why is not None:
+            raise OutputExistsError(
+                f"{work} exists and is not an unfinished logit-cache dump or conversion ({why}); refusing to delete it with "
+                f"--overwrite; move it away or choose another DST"
+            )
 
 
 def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> list[ArraySpec]:
@@ -290,6 +310,39 @@ def _new_manifest(src: Path, source: Manifest, backend: str, dtype: str, key: st
     return manifest
 
 
+def _convert_into(work: Path, dst: Path, reader: CacheReader, src: Path, source: Manifest, target: Backend, specs: list[ArraySpec],
+                  chunk_rows: int, backend: str, dtype: str, key: str, precision: str, quiet: bool, started: float) -> Manifest:
+    """Write every shard into ``work``, then the manifest, then rename ``work`` to ``dst``. On any failure
+    ``work`` is removed; if it vanished meanwhile (deleted by someone else) the error says so."""
+    log.info("converting %s (%s, %s) into %s (%s, %s); written as %s until complete",
+             src, source.backend, source.dtype, dst, backend, dtype, work)
+    attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": key}
+    bar = tqdm(total=len(source.shards), unit="shard", desc="convert", disable=True if quiet else None)
+    try:
+        shards = []
+        for position in range(len(source.shards)):
+            try:
+                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs))
+            except OSError as exc:
+                check_work_intact(work)  # a vanished work directory is the cause to report
+                raise CacheFormatError(f"{work}: writing shard {position} failed ({exc})") from exc
+            reader.shard(position).close()  # one open HDF5 handle at a time
+            bar.update(1)
+        check_work_intact(work, [shard.path for shard in shards])
+        manifest = _new_manifest(src, source, backend, dtype, key, precision, specs, shards)
+        manifest.dump["converted_from"]["seconds"] = round(time.perf_counter() - started, 3)
+        write_manifest(work, manifest)
+        move_into_place(work, dst)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if work.exists():
+                discard_dir(work)
+        raise
+    finally:
+        bar.close()
+    return manifest
+
+
 def convert(
     src: str | Path,
     dst: str | Path,
@@ -356,27 +409,14 @@ def convert(
         chunk_rows = int(source.chunk_rows) or max(spec.chunk_rows or 1 for spec in specs)
         bytes_before = directory_bytes(src)
 
-        if work.exists():
-            remove_path(work)  # only with --overwrite (checked above)
-        work.parent.mkdir(parents=True, exist_ok=True)
-        work.mkdir()
-        log.info("converting %s (%s, %s) into %s (%s, %s); written as %s until complete",
-                 src, source.backend, source.dtype, dst, backend, dtype, work)
-        attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": key}
-        bar = tqdm(total=len(source.shards), unit="shard", desc="convert", disable=True if quiet else None)
-        try:
-            shards = []
-            for position in range(len(source.shards)):
-                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs))
-                reader.shard(position).close()  # one open HDF5 handle at a time
-                bar.update(1)
-            manifest = _new_manifest(src, source, backend, dtype, key, precision, specs, shards)
-            manifest.dump["converted_from"]["seconds"] = round(time.perf_counter() - started, 3)
-            write_manifest(work, manifest)
-            move_into_place(work, dst)
-        except BaseException:
-            remove_path(work)
-            raise
-        finally:
-            bar.close()
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        # A writer into a root like a dump: `gc` and `rm` leave DST.partial alone while this runs.
+        with writer_lock(dst):
+            _check_destination(dst, work, overwrite, key, backend)  # again: another writer may have finished meanwhile
+            if work.exists():
+                discard_dir(work)  # only with --overwrite, and only ours (checked above)
+            work.mkdir()
+            write_work_marker(work, key, backend, "convert")
+            manifest = _convert_into(work, dst, reader, src, source, target, specs, chunk_rows, backend, dtype, key, precision,
+                                     quiet, started)
     return ConvertResult(src, dst, source, manifest, bytes_before, directory_bytes(dst), time.perf_counter() - started)

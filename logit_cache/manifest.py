@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ MANIFEST_NAME = "manifest.json"
 MODES = ("full", "topk", "sampled")
 VALUE_DTYPES = ("float16", "float32")
 BACKENDS = ("zarr", "hdf5")
+#: What the temporary files of :func:`write_json_atomic` end with (``.manifest.json.<random>.partial``).
+JSON_TEMP_SUFFIX = ".partial"
 
 
 @dataclass
@@ -126,6 +128,11 @@ class Manifest:
             raise bad("m", f"is {self.m!r}, expected a positive integer (draws per row) in a sampled cache")
         if self.views < 1:
             raise bad("views", f"is {self.views!r}, expected >= 1")
+        for position, shard in enumerate(self.shards):
+            why = shard_path_problem(shard.path)
+            if why:
+                raise bad("shards", f"entry {position} has path {shard.path!r}, which {why}; a shard path is a name inside the "
+                                    f"cache directory, such as 'shard-00000.zarr' (the manifest was edited or is not a cache's)")
         if self.complete:
             row = 0
             sample = 0
@@ -137,6 +144,29 @@ class Manifest:
                 row, sample = shard.row_stop, shard.sample_stop
             if row != self.num_rows or sample != self.num_samples:
                 raise bad("shards", f"cover {row} rows / {sample} samples, but num_rows={self.num_rows}, num_samples={self.num_samples}")
+
+
+def shard_path_problem(path: Any) -> str | None:
+    """Why ``path`` cannot be a shard's path in a manifest, or None when it can.
+
+    A shard path is relative to the cache directory and stays inside it: not absolute, no ``..``
+    (``/etc/passwd`` or ``../../other-cache/shard-00000.zarr`` would make a reader open files that are
+    not the cache's). We write one plain name (``shard-00000.zarr``); relative paths of several
+    components without ``..`` are accepted. Symlinks are checked by readers of local caches, which
+    resolve the path and check that it stays inside the cache directory.
+    """
+    if not isinstance(path, str) or not path:
+        return "is not a non-empty string"
+    if "\\" in path or "\x00" in path:
+        return "holds a backslash or a NUL character"
+    if path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        return "is absolute"
+    parts = path.split("/")
+    if ".." in parts:
+        return "leaves the cache directory (a '..' component)"
+    if any(part in ("", ".") for part in parts):
+        return "has an empty or '.' component"
+    return None
 
 
 def manifest_path(cache_dir: str | Path) -> Path:
@@ -193,9 +223,24 @@ def path_exists(location: str | Path, storage_options: dict[str, Any] | None = N
 
 
 def write_json_atomic(path: str | Path, data: Any) -> None:
-    """Write JSON to ``path`` so that readers see the old file or the new one, never a torn one."""
+    """Write JSON to ``path`` so that readers see the old file or the new one, never a torn one.
+
+    The temporary file (``.NAME.<random>.partial`` beside ``path``) is created with ``os.open(...,
+    0o666)``, as a plain ``open()`` would, so the file gets the mode the user's umask (and the
+    directory's default ACL) gives: in a group-shared cache root (setgid, umask 002) teammates can read
+    it. ``tempfile.mkstemp`` would make it 0600, readable by its owner only.
+    """
     path = Path(path)
-    handle, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(100):
+        tmp_name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}{JSON_TEMP_SUFFIX}")
+        try:
+            handle = os.open(tmp_name, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:  # pragma: no cover - 100 collisions of 32 random bits
+        raise FileExistsError(f"{path.parent}: could not create a temporary file for {path.name}")
     try:
         with os.fdopen(handle, "w") as out:
             json.dump(data, out, indent=2, sort_keys=False)
@@ -206,6 +251,11 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
+
+
+def is_json_temp(name: str) -> bool:
+    """Whether ``name`` is a temporary file :func:`write_json_atomic` left behind (killed before its rename)."""
+    return name.startswith(".") and name.endswith(JSON_TEMP_SUFFIX) and ".json." in name
 
 
 def write_manifest(cache_dir: str | Path, manifest: Manifest) -> None:

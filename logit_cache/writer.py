@@ -19,10 +19,12 @@ resumed and multi-rank dumps identical to a single uninterrupted one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import queue
+import secrets
 import shutil
 import threading
 from collections.abc import Callable, Mapping
@@ -33,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheFormatError, OutputExistsError, UsageError
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_json_atomic, write_manifest
+from .errors import CacheFormatError, LogitCacheError, OutputExistsError, UsageError
+from .manifest import MANIFEST_NAME, Manifest, ShardEntry, is_json_temp, read_manifest, write_json_atomic, write_manifest
+from .outputs import output_error
 from .store import ArraySpec, Backend, ShardWriter
 
 log = logging.getLogger(__name__)
@@ -137,6 +140,113 @@ def partial_path(out: Path) -> Path:
     return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
+# -- what is ours: the only directories rm, gc and --overwrite may delete ---------------------
+
+#: A small JSON file a dump or conversion writes into its ``OUT.partial`` as soon as it creates it:
+#: proof that the directory is logit-cache's unfinished work (a folder named ``thesis.partial`` is not).
+#: It is removed just before ``OUT.partial`` is renamed to ``OUT`` (by then the complete manifest proves it).
+WORK_MARKER = ".logit-cache-work.json"
+WORK_MARKER_TOOL = "logit-cache"
+#: Fields a logit-cache manifest always has (any format version): a ``manifest.json`` without them is someone else's.
+OUR_MANIFEST_FIELDS = frozenset({"format_version", "backend", "mode", "key", "shards", "complete", "teacher", "dataset"})
+#: What a directory is renamed to while it is deleted: hidden, and matching no cache name or key lookup.
+TOMBSTONE_INFIX = ".logit-cache-deleting-"
+
+
+def write_work_marker(work: Path, key: str, backend: str, writer: str) -> None:
+    """Mark ``work`` (an ``OUT.partial`` just created) as logit-cache's own, naming the cache it will become."""
+    write_json_atomic(work / WORK_MARKER, {"tool": WORK_MARKER_TOOL, "writer": writer, "key": key, "backend": backend,
+                                           "cache": work.name.removesuffix(PARTIAL_SUFFIX)})
+
+
+def read_work_marker(work: Path) -> dict[str, Any] | None:
+    """The marker's record if ``work`` holds a valid one, else None (missing, unreadable, or not ours)."""
+    try:
+        data = json.loads((work / WORK_MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("tool") == WORK_MARKER_TOOL else None
+
+
+def is_our_manifest(data: Any) -> bool:
+    """Whether parsed ``manifest.json`` content is a logit-cache manifest (of any version, damaged or not):
+    a JSON object with an integer ``format_version`` and our fields. A browser extension's
+    ``{"manifest_version": 3, ...}`` is not."""
+    return isinstance(data, dict) and isinstance(data.get("format_version"), int) and data.keys() >= OUR_MANIFEST_FIELDS
+
+
+def why_not_ours(path: Path) -> str | None:
+    """None if ``path`` is provably a logit-cache directory (a cache, an unfinished dump or conversion),
+    else why not, for a message. Provably ours: a ``manifest.json`` that :func:`is_our_manifest`, or an
+    ``OUT.partial`` holding our :data:`WORK_MARKER`. A manifest that cannot be read proves nothing."""
+    if path.is_symlink():
+        return "it is a symbolic link"
+    if not path.is_dir():
+        return "it is not a directory" if path.exists() else "it does not exist"
+    if path.name.endswith(PARTIAL_SUFFIX) and read_work_marker(path) is not None:
+        return None
+    manifest = path / MANIFEST_NAME
+    try:
+        data = json.loads(manifest.read_bytes())
+    except FileNotFoundError:
+        return f"no {MANIFEST_NAME}, and no {WORK_MARKER} of an unfinished logit-cache dump"
+    except PermissionError as exc:
+        return f"its {MANIFEST_NAME} cannot be read ({exc.strerror}), so it cannot be told apart from someone else's"
+    except OSError as exc:
+        return f"its {MANIFEST_NAME} cannot be read ({exc})"
+    except ValueError:
+        return f"its {MANIFEST_NAME} is not valid JSON, so it cannot be told apart from someone else's"
+    if not is_our_manifest(data):
+        return f"its {MANIFEST_NAME} is not a logit-cache manifest (no format_version, key, shards...)"
+    return None
+
+
+def is_empty_dir(path: Path) -> bool:
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
+
+
+def tombstone_path(path: Path) -> Path:
+    """A fresh hidden name beside ``path`` for it to be deleted under (see :func:`discard_dir`)."""
+    return path.with_name(f".{path.name}{TOMBSTONE_INFIX}{os.getpid()}-{secrets.token_hex(3)}")
+
+
+def is_tombstone(name: str) -> bool:
+    return name.startswith(".") and TOMBSTONE_INFIX in name
+
+
+def rmtree_tolerant(path: Path) -> None:
+    """Delete a directory tree; what vanished meanwhile (another gc finishing the same tombstone) is fine."""
+
+    def onerror(func: Any, failed: str, exc_info: Any) -> None:
+        if not isinstance(exc_info[1], FileNotFoundError):
+            raise exc_info[1]
+
+    shutil.rmtree(path, onerror=onerror)
+
+
+def discard_dir(path: Path) -> None:
+    """Delete directory ``path`` so that an interruption (kill -9, power loss) leaves nothing under its
+    name: first rename it to a hidden tombstone (atomic), then delete the tombstone. A tombstone left
+    by a kill holds no cache anyone can find; ``gc`` deletes it."""
+    tomb = tombstone_path(path)
+    os.rename(path, tomb)
+    rmtree_tolerant(tomb)
+
+
+def remove_stray_temps(directory: Path) -> list[Path]:
+    """Delete temporary files of :func:`write_json_atomic` that a killed writer left in ``directory``."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError):
+        for entry in directory.iterdir():
+            if is_json_temp(entry.name) and entry.is_file() and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
 def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: bool) -> Manifest | None:
     """Refuse to clobber; return the existing complete manifest when ``resume`` finds the work done.
 
@@ -155,15 +265,23 @@ def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: boo
             )
         if not overwrite:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        if not has_manifest and (out.is_file() or any(out.iterdir())):
+        why = None if is_empty_dir(out) else why_not_ours(out)
+        if why is not None:
             raise OutputExistsError(
-                f"{out} exists and is not a logit-cache cache (no {MANIFEST_NAME}); refusing to delete it with "
+                f"{out} exists and is not a logit-cache cache ({why}); refusing to delete it with "
                 f"--overwrite; choose another --out"
             )
-    if work.exists() and not (resume or overwrite):
-        raise OutputExistsError(
-            f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
-        )
+    if work.exists() or work.is_symlink():
+        if not (resume or overwrite):
+            raise OutputExistsError(
+                f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
+            )
+        why = None if is_empty_dir(work) else why_not_ours(work)
+        if why is not None:
+            raise OutputExistsError(
+                f"{work} exists and is not an unfinished logit-cache dump ({why}); refusing to resume into it or delete it; "
+                f"move it away or choose another --out"
+            )
     return None
 
 
@@ -177,9 +295,18 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
     unfinished shards. Writes the in-progress manifest (``complete: false``) before any shard, so a
     work directory without one holds nothing finished and is started afresh."""
     if work.exists() and (overwrite or not (work / MANIFEST_NAME).is_file()):
-        if not overwrite and any(p.name != PROGRESS_DIR for p in work.iterdir()):
-            raise CacheFormatError(f"{work} has no {MANIFEST_NAME} but holds files; pass --overwrite to start over")
-        remove_path(work)
+        # Killed before its first manifest: nothing but the marker and an empty progress folder.
+        trivial = {p.name for p in work.iterdir()} <= {PROGRESS_DIR, WORK_MARKER} and is_empty_dir(work / PROGRESS_DIR)
+        if not trivial:
+            if not overwrite:
+                raise CacheFormatError(f"{work} has no {MANIFEST_NAME} but holds files; pass --overwrite to start over")
+            why = None if is_empty_dir(work) else why_not_ours(work)
+            if why is not None:
+                raise OutputExistsError(
+                    f"{work} is not an unfinished logit-cache dump ({why}); refusing to delete it with --overwrite; "
+                    f"move it away or choose another --out"
+                )
+        discard_dir(work)
     if work.exists():
         try:
             previous = read_manifest(work)
@@ -207,9 +334,14 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
                 discard_unfinished(work, backend, plan)
             else:
                 kept += 1
+        for stray in remove_stray_temps(work) + remove_stray_temps(work / PROGRESS_DIR):
+            log.debug("removed %s, left by a killed writer", stray)
+        if read_work_marker(work) is None:
+            write_work_marker(work, manifest.key, manifest.backend, "dump")
         log.info("resuming %s: %d of %d shards already written", work, kept, len(plans))
     else:
         work.mkdir(parents=True)
+        write_work_marker(work, manifest.key, manifest.backend, "dump")
         log.info("dumping into %s (renamed to %s when complete)", work, work.name.removesuffix(".partial"))
     (work / PROGRESS_DIR).mkdir(exist_ok=True)
     write_manifest(work, manifest)
@@ -219,6 +351,7 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
 def finalize(work: Path, out: Path, manifest: Manifest, plans: list[ShardPlan], backend: Backend) -> Manifest:
     """Gather every shard's record, write the complete manifest, and rename ``work`` to ``out``
     (an existing cache at ``out``, replaced on --overwrite, is moved aside first and deleted last)."""
+    check_work_intact(work)
     entries = []
     for plan in plans:
         entry = read_progress(work, backend, plan)
@@ -235,18 +368,43 @@ def finalize(work: Path, out: Path, manifest: Manifest, plans: list[ShardPlan], 
 
 def move_into_place(work: Path, out: Path) -> None:
     """Rename the finished ``work`` directory to ``out``. A cache already at ``out`` (replaced on
-    --overwrite) is moved aside first, put back if the rename fails, and deleted last."""
-    if not out.exists():
+    --overwrite) is moved aside first (``OUT.replaced-PID``), put back if the rename fails, and deleted
+    last (through a tombstone, see :func:`discard_dir`). Fails loudly if ``work`` vanished meanwhile."""
+    check_work_intact(work)
+    remove_stray_temps(work)
+    (work / WORK_MARKER).unlink(missing_ok=True)  # from here on, the complete manifest proves it ours
+    if not out.exists() and not out.is_symlink():
         work.rename(out)
         return
-    old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
+    old = out.with_name(f"{out.name}{REPLACED_INFIX}{os.getpid()}")
     out.rename(old)
     try:
         work.rename(out)
     except BaseException:
         old.rename(out)
         raise
-    remove_path(old)
+    discard_dir(old)
+
+
+#: ``OUT.replaced-PID``: where ``--overwrite`` puts the cache it replaces, for the moment of the swap.
+REPLACED_INFIX = ".replaced-"
+
+
+def check_work_intact(work: Path, shards: list[str] | tuple[str, ...] = ()) -> None:
+    """Raise if ``work`` (or its marker, or one of ``shards``) vanished while it was being written: someone
+    deleted it (``rm``, a ``gc`` of an older version, a user), and what is left must not become a cache."""
+    if read_work_marker(work) is None:
+        what = "is gone" if not work.exists() else f"lost its {WORK_MARKER}"
+        raise CacheFormatError(
+            f"{work} {what} while it was being written: another process (rm, gc, a user) deleted it, so the result "
+            f"would not be complete; nothing was put in place; start over (dump --overwrite, or rerun the conversion)"
+        )
+    missing = [name for name in shards if not (work / name).exists()]
+    if missing:
+        raise CacheFormatError(
+            f"{work}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} vanished while it was being written "
+            f"(another process deleted it); nothing was put in place; start over"
+        )
 
 
 _STOP = object()
@@ -351,6 +509,10 @@ class ShardedWriter:
                     self._writer_for(plan).append(produce.result())
                 else:
                     self._close_shard(plan)
+        except OSError as exc:  # a full disk, a read-only mount...: one line for the user, naming the file
+            self._error = exc if isinstance(exc, LogitCacheError) else output_error(
+                exc, f"the shards in {self.directory}",
+                "The unfinished dump is kept: rerun with --resume once fixed (finished shards are kept)")
         except BaseException as exc:  # handed to the main thread by _raise_if_failed
             self._error = exc
         finally:

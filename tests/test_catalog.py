@@ -19,6 +19,7 @@ from data_factories import read_plain, spec
 from logit_cache import DumpConfig, dump
 from logit_cache.catalog import lock_path
 from logit_cache.errors import CacheBusyError
+from logit_cache.writer import write_work_marker
 
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
@@ -106,7 +107,8 @@ def test_ls_rm_and_gc(tmp_path: Path, teacher: Path, cli) -> None:
     kept = root_dump(tmp_path, teacher)
     doomed = root_dump(tmp_path, teacher, k=5)
     unfinished = tmp_path / "digits--top7-float16-zarr--0123456789abcdef.partial"
-    unfinished.mkdir()
+    unfinished.mkdir()  # as a dump leaves it when killed right after creating it: only its marker inside
+    write_work_marker(unfinished, "0123456789abcdef", "zarr", "dump")
     listing = cli("ls", tmp_path)
     assert listing.exit_code == 0
     assert kept.manifest.key in listing.output and doomed.manifest.key in listing.output and "INCOMPLETE" in listing.output
