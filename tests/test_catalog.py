@@ -51,16 +51,18 @@ def test_what_changes_the_key(tmp_path: Path, teacher: Path) -> None:
     assert hdf5.manifest.key == base.manifest.key and hdf5.out != base.out and not hdf5.reused
 
 
-def cli_dump(root: Path, teacher: Path, *extra: str, dataset: str = "slow_images") -> subprocess.Popen[str]:
+def cli_dump(root: Path, teacher: Path, *extra: str, dataset: str = "slow_images", delay: float = 0.02) -> subprocess.Popen[str]:
     argv = [sys.executable, "-m", "logit_cache", "dump", "--teacher", str(teacher), "--arch", ARCH, "--arch-kwargs", ARCH_KWARGS,
-            "--dataset", spec(dataset), "--dataset-kwargs", '{"n": 300, "delay": 0.02}', "--cache-root", str(root), "--topk", "3",
-            "--shard-rows", "100", *extra]
+            "--dataset", spec(dataset), "--dataset-kwargs", json.dumps({"n": 300, "delay": delay}), "--cache-root", str(root),
+            "--topk", "3", "--shard-rows", "100", *extra]
     return subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 @pytest.mark.slow
 def test_two_dumps_of_one_key_at_once_give_one_cache(tmp_path: Path, teacher: Path) -> None:
-    first = cli_dump(tmp_path, teacher)
+    # Slow enough items that the first dump still holds the lock once the second has imported
+    # torch (~4 s on a loaded 2-core machine); with 0.02 s items the first could finish before.
+    first = cli_dump(tmp_path, teacher, delay=0.08)
     lock = None
     for _ in range(200):  # until the first holds the lock
         locks = list(tmp_path.glob(".*.lock"))
@@ -69,7 +71,7 @@ def test_two_dumps_of_one_key_at_once_give_one_cache(tmp_path: Path, teacher: Pa
             break
         time.sleep(0.05)
     assert lock is not None, first.communicate()
-    second = cli_dump(tmp_path, teacher)
+    second = cli_dump(tmp_path, teacher, delay=0.08)
     out1, err1 = first.communicate(timeout=120)
     out2, err2 = second.communicate(timeout=120)
     assert first.returncode == 0 and second.returncode == 0, (err1, err2)
