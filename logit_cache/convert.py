@@ -66,10 +66,9 @@ from .store import ArraySpec, Backend, ShardReader, combine_checksum, get_backen
 from .writer import (
     check_work_intact,
     discard_dir,
-    is_empty_dir,
     move_into_place,
     partial_path,
-    why_not_ours,
+    refuse_unless_ours,
     write_work_marker,
 )
 
@@ -156,23 +155,14 @@ def _check_destination(dst: Path, work: Path, overwrite: bool, key: str, backend
                 except CacheFormatError:
                     pass
             raise OutputExistsError(f"{dst} already exists{same}; pass --overwrite to replace it, or choose another DST")
-        why = None if is_empty_dir(dst) else why_not_ours(dst)
-        if why is not None:
-            raise OutputExistsError(
-                f"{dst} exists and is not a logit-cache cache ({why}); refusing to delete it with --overwrite; "
-                f"choose another DST"
-            )
+        refuse_unless_ours(dst, "exists and is not a logit-cache cache", "refusing to delete it with --overwrite; choose another DST")
     if work.exists() or work.is_symlink():
         if not overwrite:
             raise OutputExistsError(
                 f"{work} exists: an unfinished dump or conversion into {dst}; pass --overwrite to discard it, or choose another DST"
             )
-        why = None if is_empty_dir(work) else why_not_ours(work)
-        if why is not None:
-            raise OutputExistsError(
-                f"{work} exists and is not an unfinished logit-cache dump or conversion ({why}); refusing to delete it with "
-                f"--overwrite; move it away or choose another DST"
-            )
+        refuse_unless_ours(work, "exists and is not an unfinished logit-cache dump or conversion",
+                           "refusing to delete it with --overwrite; move it away or choose another DST")
 
 
 def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> list[ArraySpec]:

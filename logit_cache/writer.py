@@ -208,6 +208,15 @@ def is_empty_dir(path: Path) -> bool:
         return False
 
 
+def refuse_unless_ours(path: Path, not_what: str, then: str) -> None:
+    """Raise :class:`OutputExistsError` ``"{path} {not_what} ({why}); {then}"`` unless ``path`` is an empty
+    directory or provably ours (:func:`why_not_ours`): what every overwrite, resume and convert asks
+    before it may delete or write into a directory that is already there."""
+    why = None if is_empty_dir(path) else why_not_ours(path)
+    if why is not None:
+        raise OutputExistsError(f"{path} {not_what} ({why}); {then}")
+
+
 def tombstone_path(path: Path) -> Path:
     """A fresh hidden name beside ``path`` for it to be deleted under (see :func:`discard_dir`)."""
     return path.with_name(f".{path.name}{TOMBSTONE_INFIX}{os.getpid()}-{secrets.token_hex(3)}")
@@ -265,23 +274,14 @@ def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: boo
             )
         if not overwrite:
             raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-        why = None if is_empty_dir(out) else why_not_ours(out)
-        if why is not None:
-            raise OutputExistsError(
-                f"{out} exists and is not a logit-cache cache ({why}); refusing to delete it with "
-                f"--overwrite; choose another --out"
-            )
+        refuse_unless_ours(out, "exists and is not a logit-cache cache", "refusing to delete it with --overwrite; choose another --out")
     if work.exists() or work.is_symlink():
         if not (resume or overwrite):
             raise OutputExistsError(
                 f"an unfinished dump is at {work}; pass --resume to continue it, or --overwrite to start over"
             )
-        why = None if is_empty_dir(work) else why_not_ours(work)
-        if why is not None:
-            raise OutputExistsError(
-                f"{work} exists and is not an unfinished logit-cache dump ({why}); refusing to resume into it or delete it; "
-                f"move it away or choose another --out"
-            )
+        refuse_unless_ours(work, "exists and is not an unfinished logit-cache dump",
+                           "refusing to resume into it or delete it; move it away or choose another --out")
     return None
 
 
@@ -300,12 +300,8 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
         if not trivial:
             if not overwrite:
                 raise CacheFormatError(f"{work} has no {MANIFEST_NAME} but holds files; pass --overwrite to start over")
-            why = None if is_empty_dir(work) else why_not_ours(work)
-            if why is not None:
-                raise OutputExistsError(
-                    f"{work} is not an unfinished logit-cache dump ({why}); refusing to delete it with --overwrite; "
-                    f"move it away or choose another --out"
-                )
+            refuse_unless_ours(work, "is not an unfinished logit-cache dump",
+                               "refusing to delete it with --overwrite; move it away or choose another --out")
         discard_dir(work)
     if work.exists():
         try:
