@@ -20,12 +20,12 @@ import torch
 import zarr
 from conftest import ARCH, ARCH_KWARGS
 from data_factories import causal_bag, spec
+from logit_cache.reader import open_cache
+from logit_cache.verify import verify_cache
 
 from logit_cache import DumpConfig, dump
 from logit_cache.errors import CacheFormatError, CorruptShardError
-from logit_cache.reader import open_cache
 from logit_cache.store import BACKENDS, ArraySpec, get_backend
-from logit_cache.verify import verify_cache
 
 N = 600
 SHARD_ROWS = 256  # three shards of 256, 256 and 88 rows; one chunk per array and shard
@@ -287,7 +287,7 @@ def strip_checksums(cache: Path) -> None:
 def test_caches_without_chunk_checksums_still_read(caches, copy_of, caplog, backend):
     cache = copy_of(backend)
     strip_checksums(cache)
-    with caplog.at_level(logging.DEBUG, logger="logit_cache.reader"):
+    with caplog.at_level(logging.DEBUG, logger="logit_cache.io"):
         got = read_everything(cache)
     want = read_everything(caches[backend, "topk"])
     for name in want:

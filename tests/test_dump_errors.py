@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import ARCH, ARCH_KWARGS
 from data_factories import RaggedTokens, RandomImages, causal_bag, spec
-
 from logit_cache.fingerprint import sample_indices
+
 from logit_cache.store import base as store_base
 
 HERE = f"{Path(__file__).resolve()}"
@@ -168,7 +168,7 @@ def test_dump_out_without_permission_fails_in_one_line(cli, teacher_ckpt: Path, 
 @pytest.mark.parametrize("unwritable", ["out", "metrics"])
 def test_train_checks_its_outputs_before_training(cli, tmp_path: Path, denied: Path, monkeypatch: pytest.MonkeyPatch,
                                                   unwritable: str) -> None:  # fmt: skip
-    train_module = importlib.import_module("logit_cache.train")  # the package's `train` is the function
+    train_module = importlib.import_module("logit_cache.train.loop")
 
     def no_training(*args, **kwargs):
         raise AssertionError("the training started although an output cannot be written")
@@ -186,7 +186,7 @@ def test_train_checks_its_outputs_before_training(cli, tmp_path: Path, denied: P
 
 
 def test_train_out_that_is_a_directory_fails_before_training(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    train_module = importlib.import_module("logit_cache.train")  # the package's `train` is the function
+    train_module = importlib.import_module("logit_cache.train.loop")
 
     monkeypatch.setattr(train_module, "_build_student", lambda *a, **k: pytest.fail("the training started"))
     (tmp_path / "student.pt").mkdir()

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from data_factories import RaggedTokens, causal_bag, read_plain, spec
+from logit_cache.tokens import TokenWindows, collate_tokens, next_token_mask
 
 from logit_cache import DumpConfig, TrainConfig, dump, open_cache, train
 from logit_cache.errors import DatasetMismatchError
 from logit_cache.targets import encode
-from logit_cache.tokens import TokenWindows, collate_tokens, next_token_mask
 
 VOCAB = 50
 ARCH = spec("causal_bag")
@@ -296,7 +296,7 @@ def test_convert_carries_per_token_caches_and_their_sampled_logits(tmp_path: Pat
 def test_full_mode_states_its_size_before_it_starts(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     teacher, _ = _teacher(tmp_path)
     rows = int(RaggedTokens(vocab=VOCAB).lengths.sum())
-    with caplog.at_level("INFO", logger="logit_cache.dump"):
+    with caplog.at_level("INFO", logger="logit_cache.pipeline"):
         _dump(tmp_path, teacher, "full-size", mode="full")  # quiet: an info line; without --quiet a warning
     assert f"--full stores every logit: {rows} rows x {VOCAB} classes x 2 B" in caplog.text
 

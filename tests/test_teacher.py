@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from logit_cache.models import digits_mlp
+from logit_cache.teacher import Teacher, detect_format, load_teacher
 from torch import nn
 
 from logit_cache.errors import (
@@ -26,8 +28,6 @@ from logit_cache.errors import (
     UntrustedCheckpointError,
     UsageError,
 )
-from logit_cache.models import digits_mlp
-from logit_cache.teacher import Teacher, detect_format, load_teacher
 
 ARCH = "logit_cache.models:digits_mlp"
 KWARGS = {"hidden": 16}
@@ -117,7 +117,7 @@ def test_state_dict_layouts_load_exactly(name, original, images, tmp_path, caplo
     wrap, layout, stripped = LAYOUTS[name]
     path = tmp_path / f"{name}.pt"
     torch.save(wrap(original.state_dict()), path)
-    with caplog.at_level(logging.INFO, logger="logit_cache.teacher"):
+    with caplog.at_level(logging.INFO, logger="logit_cache.teachers"):
         teacher = load_teacher(path, arch=ARCH, arch_kwargs=KWARGS)
     assert_same_teacher(teacher, original, images)
     assert (teacher.format, teacher.layout) == ("state_dict", layout)
@@ -158,7 +158,7 @@ def test_lightning_extra_modules_are_left_out(original, images, tmp_path, caplog
     state_dict = prefixed(original.state_dict(), "model.") | {"criterion.weight": torch.ones(10)}
     path = tmp_path / "lightning.ckpt"
     torch.save({"epoch": 1, "global_step": 10, "state_dict": state_dict}, path)
-    with caplog.at_level(logging.WARNING, logger="logit_cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="logit_cache.teachers"):
         teacher = load_teacher(path, arch=ARCH, arch_kwargs=KWARGS)
     assert_same_teacher(teacher, original, images)
     assert "1 keys without prefix 'model.'" in caplog.text
@@ -242,7 +242,7 @@ def test_export_in_train_mode_warns(tmp_path, caplog):
     torch.manual_seed(0)
     path = tmp_path / "train_mode.pt2"
     export(dropout_mlp().train(), path)
-    with caplog.at_level(logging.WARNING, logger="logit_cache.teacher"):
+    with caplog.at_level(logging.WARNING, logger="logit_cache.teachers"):
         load_teacher(path)
     assert "exported in training mode" in caplog.text and "dropout" in caplog.text
 

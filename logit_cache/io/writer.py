@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CacheFormatError, LogitCacheError, OutputExistsError, UsageError
-from .manifest import MANIFEST_NAME, Manifest, ShardEntry, is_json_temp, read_manifest, write_json_atomic, write_manifest
-from .outputs import output_error
-from .store import ArraySpec, Backend, ShardWriter
+from ..errors import CacheFormatError, LogitCacheError, OutputExistsError, UsageError
+from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_json_temp, read_manifest, write_json_atomic, write_manifest
+from ..format.paths import output_error
+from ..store import ArraySpec, Backend, ShardWriter
 
 log = logging.getLogger(__name__)
 

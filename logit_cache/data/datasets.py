@@ -22,14 +22,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .errors import DatasetError, SpecError
-from .fingerprint import dataset_fingerprint
+from ..errors import DatasetError, SpecError
+from ..format.identity import dataset_fingerprint
+from ..specs import resolve_callable
 from .replay import FirstViews
-from .spec import resolve_callable
 from .tokens import ByteText, TokenWindows, is_token_item, token_item
 
 if TYPE_CHECKING:
-    from .manifest import Manifest
+    from ..format.manifest import Manifest
 
 DIGITS_SPLIT_SEED = 0
 DIGITS_TRAIN_SIZE = 1437

@@ -48,10 +48,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__
-from .catalog import directory_bytes, writer_lock
-from .dump import array_specs
-from .errors import (
+from .. import __version__
+from ..errors import (
     CacheFormatError,
     CorruptShardError,
     IncompleteCacheError,
@@ -59,11 +57,10 @@ from .errors import (
     OutputExistsError,
     UsageError,
 )
-from .fingerprint import content_key
-from .manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
-from .reader import CacheReader, open_reader
-from .store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
-from .writer import (
+from ..format.identity import content_key
+from ..format.manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
+from ..io.reader import CacheReader, open_reader
+from ..io.writer import (
     check_work_intact,
     discard_dir,
     move_into_place,
@@ -71,6 +68,9 @@ from .writer import (
     refuse_unless_ours,
     write_work_marker,
 )
+from ..pipeline.dump import array_specs
+from ..store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
+from .catalog import directory_bytes, writer_lock
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import LogitCacheError, OutputError
+from ..errors import LogitCacheError, OutputError
 
 #: What the user can do, by errno.
 _FIXES = {

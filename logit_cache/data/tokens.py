@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 #: Label value that means "no loss here" (Hugging Face's and torch's ``ignore_index``).
 IGNORE_INDEX = -100

@@ -58,16 +58,16 @@ import torch
 from torch.utils.data import default_collate
 from tqdm.auto import tqdm
 
+from ..data.datasets import ResolvedDataset, recorded_fingerprint, resolve_dataset, split_batch
+from ..data.replay import replay_items
+from ..errors import CacheFormatError, CacheNotFoundError, CheckpointError, LogitCacheError, UsageError
+from ..format.manifest import Manifest, ShardEntry, read_manifest
+from ..io.reader import shard_location
+from ..io.writer import partial_path
+from ..pipeline.dump import PRECISIONS, array_specs, autocast_for, resolve_device, run_teacher, to_device
+from ..store import ArraySpec, ShardReader, get_backend
+from ..teachers.sources import Teacher, load_teacher
 from .convert import source_precision
-from .datasets import ResolvedDataset, recorded_fingerprint, resolve_dataset, split_batch
-from .dump import PRECISIONS, array_specs, autocast_for, resolve_device, run_teacher, to_device
-from .errors import CacheFormatError, CacheNotFoundError, CheckpointError, LogitCacheError, UsageError
-from .manifest import Manifest, ShardEntry, read_manifest
-from .reader import shard_location
-from .replay import replay_items
-from .store import ArraySpec, ShardReader, get_backend
-from .teacher import Teacher, load_teacher
-from .writer import partial_path
 
 #: Relative-and-absolute slack between the dump's teacher run and this one, by the dump's precision.
 PRECISION_SLACK = {"fp32": 1e-4, "fp16": 5e-3, "bf16": 3e-2}

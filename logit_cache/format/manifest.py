@@ -16,8 +16,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheFormatError, CacheNotFoundError
-from .store.base import URLPath, as_location, is_url, url_filesystem
+from ..errors import CacheFormatError, CacheNotFoundError
+from ..store.base import URLPath, as_location, is_url, url_filesystem
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"

@@ -25,8 +25,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetError
-from .fingerprint import item_digest
+from ..errors import DatasetError
+from ..format.identity import item_digest
 
 #: How many items the dump produces twice to check that they replay.
 CHECK_ITEMS = 4

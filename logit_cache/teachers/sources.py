@@ -48,7 +48,7 @@ import torch
 from torch import nn
 from torch.export.passes import move_to_device_pass
 
-from .errors import (
+from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     MissingPackageError,
@@ -57,9 +57,9 @@ from .errors import (
     UntrustedCheckpointError,
     UsageError,
 )
+from ..format.identity import _READ_BLOCK, file_sha256
+from ..specs import resolve_callable
 from .export_archive import describe, unsafe_parts
-from .fingerprint import _READ_BLOCK, file_sha256
-from .spec import resolve_callable
 
 logger = logging.getLogger(__name__)
 

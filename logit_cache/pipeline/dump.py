@@ -32,11 +32,12 @@ import torch
 from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
-from . import __version__
-from .catalog import ROOT_ENV, cache_dir_name, directory_bytes, find_by_key, readable_name, writer_lock
-from .compact import ENCODINGS, encode_arrays, stored_specs
-from .datasets import ResolvedDataset, resolve_dataset, split_batch
-from .errors import (
+from .. import __version__
+from .._legacy import callable_module
+from ..data.datasets import ResolvedDataset, resolve_dataset, split_batch
+from ..data.replay import ReplayViews, check_replayable
+from ..data.tokens import TokenBatch, collate_tokens, token_lengths
+from ..errors import (
     CheckpointNotFoundError,
     DatasetError,
     LogitCacheError,
@@ -44,21 +45,16 @@ from .errors import (
     TeacherOutputError,
     UsageError,
 )
-from .fingerprint import content_key
-from .manifest import (
+from ..format.identity import content_key
+from ..format.manifest import (
     BACKENDS,
     FORMAT_VERSION,
     VALUE_DTYPES,
     Manifest,
     read_manifest,
 )
-from .outputs import output_errors
-from .replay import ReplayViews, check_replayable
-from .store import ArraySpec, get_backend
-from .targets import count_dtype, encode, index_dtype
-from .teacher import Teacher, is_hf_spec, load_teacher, teacher_sha256
-from .tokens import TokenBatch, collate_tokens, token_lengths
-from .writer import (
+from ..format.paths import output_errors
+from ..io.writer import (
     ShardedWriter,
     ShardPlan,
     check_output,
@@ -70,6 +66,11 @@ from .writer import (
     read_progress,
     split_for_rank,
 )
+from ..store import ArraySpec, get_backend
+from ..targets.batch import count_dtype, encode, index_dtype
+from ..targets.compact import ENCODINGS, encode_arrays, stored_specs
+from ..teachers.sources import Teacher, is_hf_spec, load_teacher, teacher_sha256
+from ..tools.catalog import ROOT_ENV, cache_dir_name, directory_bytes, find_by_key, readable_name, writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -871,12 +872,12 @@ def _run_token_shards(prepared: _Prepared, teacher: Teacher, layout: Layout, tod
     return _write_batches(prepared, layout, batches, loader, bar, step, started)
 
 
-def dump(config: DumpConfig) -> DumpResult:
+def dump_cache(config: DumpConfig) -> DumpResult:
     """Run the teacher over the dataset once and write a complete cache at ``config.out``.
 
     Example::
 
-        dump(DumpConfig(teacher="ckpt.pt", arch="logit_cache.models:digits_mlp", dataset="digits",
+        dump_cache(DumpConfig(teacher="ckpt.pt", arch="logit_cache.models:digits_mlp", dataset="digits",
                         out="caches/digits-top5", mode="topk", k=5))
     """
     started = time.perf_counter()
@@ -991,3 +992,9 @@ def _reduce_stats(dist_info: _Dist, rows: int, mass: float, kept: int, compute_s
     slowest = torch.tensor([compute_seconds], dtype=torch.float64)
     dist.all_reduce(slowest, op=dist.ReduceOp.MAX)
     return int(totals[0].item()), float(totals[1].item()), int(totals[2].item()), float(slowest.item())
+
+
+#: The function's name before the package moved to subpackages (``from logit_cache.dump import dump``).
+dump = dump_cache
+
+callable_module(__name__, dump_cache)

@@ -39,15 +39,18 @@ from __future__ import annotations
 
 import math
 import numbers
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
-from .errors import TargetMismatchError, UsageError
-from .losses import TAILS
-from .targets import LOG_MASS_FLOOR, MODES, Targets, topk_log_probs
+from .._legacy import callable_module
+from ..data.tokens import next_token_mask, shifted_labels
+from ..errors import TargetMismatchError, UsageError
+from ..targets.batch import LOG_MASS_FLOOR, MODES, Targets, topk_log_probs
+from .sample import TAILS
 
-__all__ = ["masked_token_logits", "sampled_weights", "token_kd_loss"]
+__all__ = ["masked_token_logits", "sampled_weights", "token_kd_loss", "token_loss_terms"]
 
 #: Rows per chunk by default: the float32 working set is a few ``chunk_tokens x V`` tensors.
 DEFAULT_CHUNK_TOKENS = 4096
@@ -298,3 +301,35 @@ class _ChunkedTokenKD(torch.autograd.Function):
                 q.scatter_add_(1, ids, weights * -scale)  # - w at the drawn ids (pads add 0)
             out[lo:hi] = q
         return (out, None, None, None, *(None for _ in teacher))
+
+
+def _select(target: Targets, keep: torch.Tensor) -> Targets:
+    """The rows of a flat per-token Targets where ``keep`` (over its rows) is true."""
+    picked = {name: tensor[keep] for name, tensor in target._tensors().items() if name != "lengths"}
+    return replace(target, **picked, lengths=None)
+
+
+def token_loss_terms(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, target: Targets | None,
+                 temperature: float, tail: str | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The mean next-token cross-entropy, the token KD loss (or None), and the number of positions.
+
+    ``logits`` (B, T, V); ``target`` a flat Targets over the batch's real tokens (with ``lengths``)
+    or teacher logits already selected at the trained positions (online KD).
+    """
+    mask = next_token_mask(labels, lengths)  # (B, T)
+    student = logits[mask]  # (N, V): the positions that predict a label, b-major like the cache's rows
+    ce = F.cross_entropy(student.float(), shifted_labels(labels)[mask]) if len(student) else logits.sum() * 0.0
+    if target is None:
+        return ce, None, len(student)
+    if target.lengths is not None:  # a cache's rows: every real token; keep those at the trained positions
+        if not torch.equal(target.lengths.to(lengths.device), lengths):
+            raise TargetMismatchError("the cache's rows per sequence differ from the batch's lengths: misaligned data")
+        real = torch.arange(labels.shape[1], device=labels.device)[None, :] < lengths[:, None]
+        target = _select(target, mask[real].to(target.device))
+    return ce, token_kd_loss(student, target, temperature=temperature, tail=tail), len(student)
+
+
+#: ``logit_cache.token_losses(...)`` was this function before the module moved here.
+token_losses = token_loss_terms
+
+callable_module(__name__, token_loss_terms)

@@ -35,18 +35,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from . import __version__
-from .datasets import ResolvedDataset, resolve_dataset, split_batch
-from .dump import resolve_device, run_teacher, to_device
-from .errors import TargetMismatchError, UsageError
-from .loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
-from .losses import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
-from .manifest import write_json_atomic
-from .outputs import check_writable, output_errors
-from .reader import LogitCache, open_cache
-from .replay import preserved_rng
-from .spec import resolve_callable
-from .teacher import Teacher, load_teacher
+from .. import __version__
+from ..data.datasets import ResolvedDataset, resolve_dataset, split_batch
+from ..data.loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
+from ..data.replay import preserved_rng
+from ..errors import TargetMismatchError, UsageError
+from ..format.manifest import write_json_atomic
+from ..format.paths import check_writable, output_errors
+from ..io.reader import LogitCache, open_cache
+from ..losses.sample import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
+from ..pipeline.dump import resolve_device, run_teacher, to_device
+from ..specs import resolve_callable
+from ..teachers.sources import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +227,7 @@ def evaluate(student: nn.Module, data: ResolvedDataset, device: torch.device, ca
     return metrics
 
 
-def train(config: TrainConfig) -> TrainResult:
+def train_student(config: TrainConfig) -> TrainResult:
     """Train a student as ``config`` says; save it, its sidecar and its metrics; return the metrics."""
     config.validate()
     device = resolve_device(config.device)
@@ -243,7 +243,7 @@ def train(config: TrainConfig) -> TrainResult:
     # -- data: the dataset, and where the soft targets come from ---------------------------------
     data = resolve_dataset(config.dataset, config.dataset_kwargs)
     if data.per_token:  # a language model's data: the token-level loop
-        from .train_lm import train_tokens
+        from .lm import train_tokens
 
         return train_tokens(config, data, device)
     if config.org_loss_weight and config.source != "labels" and not data.has_labels:

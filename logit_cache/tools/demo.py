@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .datasets import DigitsDataset
-from .dump import DumpConfig, dump
-from .manifest import write_json_atomic
+from ..data.datasets import DigitsDataset
+from ..format.manifest import write_json_atomic
+from ..pipeline.dump import DumpConfig, dump_cache
+from ..train.loop import TrainConfig, TrainResult, train_student
 from .models import digits_mlp
-from .train import TrainConfig, TrainResult, train
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +113,7 @@ def _run(workdir: Path, seed: int, epochs: int, topk: int, quiet: bool) -> DemoR
     for split, out in caches.items():
         # The demo's own outputs from an earlier run: a finished cache of other content, or an unfinished one.
         shutil.rmtree(f"{out}.partial", ignore_errors=True)
-        dump(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", dataset_kwargs={"split": split},
+        dump_cache(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", dataset_kwargs={"split": split},
                         out=str(out), mode="topk", k=topk, temperature=TEMPERATURE, overwrite=True, quiet=True, device="cpu"))
     dump_seconds = time.perf_counter() - started
 
@@ -127,7 +127,7 @@ def _run(workdir: Path, seed: int, epochs: int, topk: int, quiet: bool) -> DemoR
                          ("cached KD", {"caches": [str(caches["train"])]})):
         log.info("training the student: %s", name)
         slug = name.replace(" ", "-")
-        result.runs[name] = train(TrainConfig(out=str(workdir / f"student-{slug}.pt"), **common, **source))
+        result.runs[name] = train_student(TrainConfig(out=str(workdir / f"student-{slug}.pt"), **common, **source))
     write_json_atomic(workdir / "demo.json", {"rows": result.rows(), "teacher_accuracy": accuracy,
                                              "teacher_train_seconds": teacher_seconds, "dump_seconds": dump_seconds,
                                              "seed": seed, "epochs": epochs, "topk": topk})

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler, default_collate
 
+from ..errors import DatasetMismatchError, UsageError
+from ..format.identity import canonical_json
+from ..io.reader import LogitCache
+from ..targets.batch import Targets
 from .datasets import recorded_fingerprint
-from .errors import DatasetMismatchError, UsageError
-from .fingerprint import canonical_json
-from .reader import LogitCache
 from .replay import ViewFn, default_view, replay_items
-from .targets import Targets
 from .tokens import collate_tokens
 
 VERIFY_CHOICES = ("fingerprint", "length")

@@ -21,25 +21,23 @@ import logging
 import math
 import sys
 import time
-from dataclasses import replace
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .datasets import ResolvedDataset, resolve_dataset
-from .dump import run_teacher, to_device
-from .errors import TargetMismatchError, UsageError
-from .loader import CachedDataset, collate
-from .losses import DistillationLoss
-from .reader import LogitCache, open_cache
-from .targets import Targets
-from .token_losses import token_kd_loss
-from .tokens import collate_tokens, next_token_mask, shifted_labels
-from .train import TrainConfig, TrainResult, _build_student, _loader, optimiser, save_student, training_data
+from ..data.datasets import ResolvedDataset, resolve_dataset
+from ..data.loader import CachedDataset, collate
+from ..data.tokens import collate_tokens, next_token_mask
+from ..errors import TargetMismatchError, UsageError
+from ..io.reader import LogitCache, open_cache
+from ..losses.sample import DistillationLoss
+from ..losses.token import token_loss_terms
+from ..pipeline.dump import run_teacher, to_device
+from ..targets.batch import Targets
+from .loop import TrainConfig, TrainResult, _build_student, _loader, optimiser, save_student, training_data
 
 log = logging.getLogger(__name__)
 
@@ -53,37 +51,11 @@ def _plain_collate(items: list[Any]) -> tuple[Any, torch.Tensor, torch.Tensor]:
     return batch.inputs, batch.labels, batch.lengths
 
 
-def _select(target: Targets, keep: torch.Tensor) -> Targets:
-    """The rows of a flat per-token Targets where ``keep`` (over its rows) is true."""
-    picked = {name: tensor[keep] for name, tensor in target._tensors().items() if name != "lengths"}
-    return replace(target, **picked, lengths=None)
-
-
 def _split(third: Targets | torch.Tensor, device: torch.device) -> tuple[torch.Tensor, Targets | None]:
     """A batch's third element: a cache's Targets (with lengths) or, without a cache, the lengths."""
     if isinstance(third, Targets):
         return third.lengths.to(device), third
     return third.to(device), None
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, target: Targets | None,
-                 temperature: float, tail: str | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """The mean next-token cross-entropy, the token KD loss (or None), and the number of positions.
-
-    ``logits`` (B, T, V); ``target`` a flat Targets over the batch's real tokens (with ``lengths``)
-    or teacher logits already selected at the trained positions (online KD).
-    """
-    mask = next_token_mask(labels, lengths)  # (B, T)
-    student = logits[mask]  # (N, V): the positions that predict a label, b-major like the cache's rows
-    ce = F.cross_entropy(student.float(), shifted_labels(labels)[mask]) if len(student) else logits.sum() * 0.0
-    if target is None:
-        return ce, None, len(student)
-    if target.lengths is not None:  # a cache's rows: every real token; keep those at the trained positions
-        if not torch.equal(target.lengths.to(lengths.device), lengths):
-            raise TargetMismatchError("the cache's rows per sequence differ from the batch's lengths: misaligned data")
-        real = torch.arange(labels.shape[1], device=labels.device)[None, :] < lengths[:, None]
-        target = _select(target, mask[real].to(target.device))
-    return ce, token_kd_loss(student, target, temperature=temperature, tail=tail), len(student)
 
 
 @torch.no_grad()
@@ -99,7 +71,7 @@ def evaluate_tokens(student: nn.Module, data: ResolvedDataset, device: torch.dev
         inputs, labels = to_device(inputs, device), labels.to(device)
         lengths, target = _split(third, device)
         logits = run_teacher(student, inputs)
-        ce, kd, n = token_losses(logits, labels, lengths, target, 1.0, None)
+        ce, kd, n = token_loss_terms(logits, labels, lengths, target, 1.0, None)
         ce_sum += float(ce) * n
         kd_sum += float(kd) * n if kd is not None else 0.0
         count += n
@@ -168,7 +140,7 @@ def train_tokens(config: TrainConfig, data: ResolvedDataset, device: torch.devic
                 target = Targets("full", int(full.shape[-1]), logits=full.clone())  # a normal tensor, not an inference one
                 epoch_teacher += time.perf_counter() - t0
             logits = run_teacher(student, inputs)  # (B, T, V)
-            ce, kd, positions = token_losses(logits, labels, lengths, target if kd_on else None, temperature or 1.0, config.tail)
+            ce, kd, positions = token_loss_terms(logits, labels, lengths, target if kd_on else None, temperature or 1.0, config.tail)
             loss = ce if kd is None else config.kd_loss_weight * kd + config.org_loss_weight * ce
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -50,15 +50,15 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .compact import ENCODINGS, decode_arrays
-from .errors import CorruptShardError, IncompleteCacheError, TargetMismatchError, UsageError
-from .manifest import Manifest, path_exists, read_manifest
-from .store import ShardReader, get_backend
-from .store.base import URLPath, as_location
-from .targets import OPTIONAL_TARGET_ARRAYS, TARGET_ARRAYS, Targets
+from ..errors import CorruptShardError, IncompleteCacheError, TargetMismatchError, UsageError
+from ..format.manifest import Manifest, path_exists, read_manifest
+from ..store import ShardReader, get_backend
+from ..store.base import URLPath, as_location
+from ..targets.batch import OPTIONAL_TARGET_ARRAYS, TARGET_ARRAYS, Targets
+from ..targets.compact import ENCODINGS, decode_arrays
 
 if TYPE_CHECKING:
-    from .loader import CachedDataset, ChunkShuffleSampler
+    from ..data.loader import CachedDataset, ChunkShuffleSampler
 
 log = logging.getLogger(__name__)
 
@@ -477,20 +477,20 @@ class LogitCache(CacheReader):
 
     def wrap(self, dataset: Any, verify: str = "fingerprint") -> CachedDataset:
         """The dataset with this cache's target appended to each item; see :class:`CachedDataset`."""
-        from .loader import CachedDataset
+        from ..data.loader import CachedDataset
 
         return CachedDataset(dataset, [self], verify=verify)
 
     def sampler(self, shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
         """A seeded, epoch-aware, chunk-aware sampler over this cache's samples; see :class:`ChunkShuffleSampler`."""
-        from .loader import ChunkShuffleSampler
+        from ..data.loader import ChunkShuffleSampler
 
         return ChunkShuffleSampler.for_caches([self], shuffle=shuffle, seed=seed, **kwargs)
 
     @staticmethod
     def collate(batch: Any) -> Any:
         """``collate_fn`` for a DataLoader over :meth:`wrap`: (inputs, labels, Targets)."""
-        from .loader import collate
+        from ..data.loader import collate
 
         return collate(batch)
 

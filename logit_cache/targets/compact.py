@@ -104,9 +104,9 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .errors import CacheFormatError, UsageError
-from .store.base import ArraySpec
-from .targets import LOG_MASS_FLOOR, count_dtype, index_dtype
+from ..errors import CacheFormatError, UsageError
+from ..store.base import ArraySpec
+from .batch import LOG_MASS_FLOOR, count_dtype, index_dtype
 
 ENCODINGS = ("plain", "compact")
 #: Modes whose targets have a compact layout (full logits are always stored plain).

@@ -12,14 +12,14 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .catalog import ROOT_ENV, caches_by_key, check_removable, directory_bytes, gc_candidates, list_caches, remove_cache
-from .dump import DumpConfig, DumpResult, dump
-from .errors import LogitCacheError, UsageError
-from .manifest import Manifest, read_manifest
-from .spec import parse_json_kwargs
-from .train import OPTIMIZERS, TrainConfig, TrainResult, train
-from .writer import partial_path
+from .. import __version__
+from ..errors import LogitCacheError, UsageError
+from ..format.manifest import Manifest, read_manifest
+from ..io.writer import partial_path
+from ..pipeline.dump import DumpConfig, DumpResult, dump_cache
+from ..specs import parse_json_kwargs
+from ..tools.catalog import ROOT_ENV, caches_by_key, check_removable, directory_bytes, gc_candidates, list_caches, remove_cache
+from ..train.loop import OPTIMIZERS, TrainConfig, TrainResult, train_student
 
 
 def _fail(exc: LogitCacheError) -> None:
@@ -178,7 +178,7 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
             overwrite=overwrite,
             quiet=quiet,
         )
-        result = dump(config)
+        result = dump_cache(config)
     except LogitCacheError as exc:
         _fail(exc)
         return
@@ -500,7 +500,7 @@ def train_command(student: str, student_kwargs: str | None, dataset: str, datase
             teachers_per_step=teachers_per_step, verify=verify, seed=seed, device=device, num_workers=num_workers,
             metrics=str(metrics) if metrics else None, quiet=quiet, allow_nonfinite_targets=allow_nonfinite_targets,
         )
-        result = train(config)
+        result = train_student(config)
     except LogitCacheError as exc:
         _fail(exc)
         return
@@ -536,7 +536,7 @@ def demo_command(workdir: Path | None, seed: int, epochs: int, topk: int, quiet:
     only, online KD, cached KD) with the same seed and data order, and prints test accuracy, eval KL
     to the teacher, student training time and the time spent in the teacher.
     """
-    from .demo import run_demo
+    from ..tools.demo import run_demo
 
     _setup_logging(quiet)
     try:
@@ -587,7 +587,7 @@ def verify_command(cache: Path, teacher: str | None, arch: str | None, arch_kwar
       logit-cache verify caches/digits-top5 --teacher teacher.pt --arch logit_cache.models:digits_mlp \\
           --arch-kwargs '{"hidden": 32}' --dataset digits --samples 64
     """
-    from .verify import verify_cache
+    from ..tools.verify import verify_cache
 
     try:
         report = verify_cache(
@@ -633,7 +633,7 @@ def convert_command(src: Path, dst: Path, backend: str | None, dtype: str | None
       logit-cache convert caches/digits-top5 caches/digits-top5-h5 --format hdf5
       logit-cache convert caches/full-fp32 caches/full-fp16 --dtype float16
     """
-    from .convert import convert
+    from ..tools.convert import convert
 
     _setup_logging(quiet)
     try:

@@ -43,9 +43,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import CacheBusyError, CacheFormatError, CacheNotFoundError, LogitCacheError, UsageError
-from .manifest import MANIFEST_NAME, Manifest, is_json_temp, read_manifest
-from .writer import (
+from ..errors import CacheBusyError, CacheFormatError, CacheNotFoundError, LogitCacheError, UsageError
+from ..format.manifest import MANIFEST_NAME, Manifest, is_json_temp, read_manifest
+from ..io.writer import (
     PARTIAL_SUFFIX,
     REPLACED_INFIX,
     is_our_manifest,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import DatasetError
+from ..errors import DatasetError
 
 #: Bumped when the rules above change, so old keys can never collide with new ones.
 FINGERPRINT_VERSION = 1

@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import TargetMismatchError, UsageError
-from .targets import LOG_MASS_FLOOR, Targets, topk_log_probs
+from ..errors import TargetMismatchError, UsageError
+from ..targets.batch import LOG_MASS_FLOOR, Targets, topk_log_probs
 
 TAILS = ("rest", "renormalize", "ignore")
 #: Composer's and most recipes' default distillation temperature.

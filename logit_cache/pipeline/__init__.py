@@ -1,0 +1,1 @@
+"""The dump: a teacher over a dataset into a cache."""
