@@ -15,7 +15,7 @@ import click
 from .. import __version__
 from ..errors import LogitCacheError, UsageError
 from ..format.manifest import Manifest, read_manifest
-from ..io.writer import partial_path
+from ..format.paths import partial_path
 from ..pipeline.dump import DumpConfig, DumpResult, dump_cache
 from ..specs import parse_json_kwargs
 from ..tools.catalog import ROOT_ENV, caches_by_key, check_removable, directory_bytes, gc_candidates, list_caches, remove_cache

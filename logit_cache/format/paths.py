@@ -23,6 +23,19 @@ from pathlib import Path
 
 from ..errors import LogitCacheError, OutputError
 
+#: ``OUT.partial``: where a dump or conversion into ``OUT`` works until the cache is complete.
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(out: Path) -> Path:
+    """Where a dump into ``out`` works until it is complete (renamed to ``out`` then)."""
+    return out.with_name(out.name + PARTIAL_SUFFIX)
+
+
+def partial_location(location: str) -> str:
+    """:func:`partial_path` for a location that may be an fsspec URL (a plain string join)."""
+    return f"{location}{PARTIAL_SUFFIX}"
+
 #: What the user can do, by errno.
 _FIXES = {
     errno.ENOSPC: "the disk is full: free some space or choose another location",

@@ -37,13 +37,12 @@ import numpy as np
 
 from ..errors import CacheFormatError, LogitCacheError, OutputExistsError, UsageError
 from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_json_temp, read_manifest, write_json_atomic, write_manifest
-from ..format.paths import output_error
+from ..format.paths import PARTIAL_SUFFIX, output_error, partial_path
 from ..store import ArraySpec, Backend, ShardWriter
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "progress"
-PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -133,11 +132,6 @@ def discard_unfinished(directory: Path, backend: Backend, plan: ShardPlan) -> No
     name = backend.shard_name(plan.index)
     for leftover in (directory / name, directory / (name + PARTIAL_SUFFIX), progress_path(directory, name)):
         remove_path(leftover)
-
-
-def partial_path(out: Path) -> Path:
-    """Where a dump into ``out`` works until it is complete."""
-    return out.with_name(out.name + PARTIAL_SUFFIX)
 
 
 # -- what is ours: the only directories rm, gc and --overwrite may delete ---------------------

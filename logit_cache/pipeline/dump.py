@@ -22,7 +22,7 @@ import datetime as _dt
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,12 +69,13 @@ from ..io.writer import (
 from ..store import ArraySpec, get_backend
 from ..targets.batch import count_dtype, encode, index_dtype
 from ..targets.compact import ENCODINGS, encode_arrays, stored_specs
+from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher, to_device
 from ..teachers.sources import Teacher, is_hf_spec, load_teacher, teacher_sha256
 from ..tools.catalog import ROOT_ENV, cache_dir_name, directory_bytes, find_by_key, readable_name, writer_lock
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 #: A chunk (the reader's unit of I/O) holds about this many bytes of its widest array: big enough
 #: that per-chunk costs (~2 ms a Zarr chunk file) stay small, small enough that the partly filled
 #: last chunk of a shard (stored whole by HDF5 and by uncompressed Zarr) wastes little.
@@ -263,50 +264,6 @@ def _phase(dist_info: _Dist, fn: Any, *args: Any) -> Any:
     return result
 
 
-def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
-    """``auto`` means the GPU when there is one; ``cuda`` under torchrun means this rank's GPU."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(spec)
-    except RuntimeError as exc:
-        raise UsageError(f"--device {spec!r} is not a device; use auto, cpu, cuda or cuda:N") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {spec} asked for a GPU, but torch sees none; use --device cpu (or auto)")
-        index = device.index if device.index is not None else local_rank
-        if index >= torch.cuda.device_count():
-            raise UsageError(f"--device {spec}: GPU {index} does not exist (torch sees {torch.cuda.device_count()})")
-        device = torch.device("cuda", index)
-    elif device.type != "cpu":
-        raise UsageError(f"--device {spec!r} is not supported; use auto, cpu, cuda or cuda:N")
-    return device
-
-
-def to_device(value: Any, device: torch.device) -> Any:
-    """Tensors, and tensors inside dicts, lists and tuples (model inputs), moved to ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, Mapping):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(to_device(item, device) for item in value)
-    return value
-
-
-def run_teacher(module: Any, inputs: Any) -> torch.Tensor:
-    """Call the teacher: dict inputs become keyword arguments; ``.logits`` outputs are unwrapped."""
-    output = module(**inputs) if isinstance(inputs, Mapping) else module(inputs)
-    if not isinstance(output, torch.Tensor) and hasattr(output, "logits"):
-        output = output.logits
-    if not isinstance(output, torch.Tensor):
-        raise TeacherOutputError(
-            f"the teacher returned a {type(output).__name__}; expected a tensor of logits [batch, classes] "
-            f"(or an object with a .logits tensor)"
-        )
-    return output
-
-
 def _one_line(exc: BaseException) -> str:
     """An exception as one line. DataLoader workers re-raise with the worker's traceback in the
     message; its last line is the original ``Type: message``."""
@@ -355,13 +312,6 @@ def _call_teacher(module: Any, inputs: Any, indices: list[int]) -> torch.Tensor:
             f"the teacher failed on dataset indices {indices[0]}..{indices[-1]}: {_one_line(exc)} "
             f"(set LOGIT_CACHE_TRACEBACK=1 for the traceback)"
         ) from exc
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _pow2_at_least(count: int) -> int:

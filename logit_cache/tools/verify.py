@@ -62,10 +62,11 @@ from ..data.datasets import ResolvedDataset, recorded_fingerprint, resolve_datas
 from ..data.replay import replay_items
 from ..errors import CacheFormatError, CacheNotFoundError, CheckpointError, LogitCacheError, UsageError
 from ..format.manifest import Manifest, ShardEntry, read_manifest
+from ..format.paths import partial_path
 from ..io.reader import shard_location
-from ..io.writer import partial_path
-from ..pipeline.dump import PRECISIONS, array_specs, autocast_for, resolve_device, run_teacher, to_device
+from ..pipeline.dump import array_specs
 from ..store import ArraySpec, ShardReader, get_backend
+from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher, to_device
 from ..teachers.sources import Teacher, load_teacher
 from .convert import source_precision
 

@@ -35,8 +35,8 @@ from ..errors import TargetMismatchError, UsageError
 from ..io.reader import LogitCache, open_cache
 from ..losses.sample import DistillationLoss
 from ..losses.token import token_loss_terms
-from ..pipeline.dump import run_teacher, to_device
 from ..targets.batch import Targets
+from ..teachers.runtime import run_teacher, to_device
 from .loop import TrainConfig, TrainResult, _build_student, _loader, optimiser, save_student, training_data
 
 log = logging.getLogger(__name__)

@@ -44,8 +44,8 @@ from ..format.manifest import write_json_atomic
 from ..format.paths import check_writable, output_errors
 from ..io.reader import LogitCache, open_cache
 from ..losses.sample import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
-from ..pipeline.dump import resolve_device, run_teacher, to_device
 from ..specs import resolve_callable
+from ..teachers.runtime import resolve_device, run_teacher, to_device
 from ..teachers.sources import Teacher, load_teacher
 
 log = logging.getLogger(__name__)
