@@ -13,11 +13,12 @@ __version__ = "0.1.0"
 # ``dump``, ``train`` and ``token_losses``: callable modules (see _legacy.callable_module); bound
 # here as the modules so that ``import logit_cache.dump`` and ``logit_cache.dump(...)`` agree.
 from . import _legacy, train
+from .data.cache import LogitCache, open_cache
 from .data.loader import CachedDataset, ChunkShuffleSampler
 from .data.tokens import TokenWindows, collate_tokens, next_token_mask
 from .errors import LogitCacheError
 from .format.manifest import Manifest, read_manifest
-from .io.reader import CacheReader, LogitCache, open_cache, open_reader
+from .io.reader import CacheReader, open_reader
 from .losses import DistillationLoss, KLDivergence, kd_loss, masked_token_logits, token_kd_loss, token_loss_terms
 from .losses import token as token_losses
 from .pipeline import dump
@@ -28,7 +29,7 @@ from .tools.catalog import list_caches
 from .tools.convert import convert as convert_cache
 from .tools.verify import verify_cache
 from .train import TrainConfig, TrainResult, train_student
-from .train.lm import evaluate_tokens
+from .train.evaluation import evaluate_tokens
 
 _legacy.install()
 

@@ -33,7 +33,7 @@ MOVED = {
     "manifest": "logit_cache.format.manifest",
     "models": "logit_cache.tools.models",
     "outputs": "logit_cache.format.paths",
-    "reader": "logit_cache.io.reader",
+    "reader": "logit_cache.data.cache",
     "replay": "logit_cache.data.replay",
     "spec": "logit_cache.specs",
     "teacher": "logit_cache.teachers.sources",

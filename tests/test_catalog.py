@@ -141,3 +141,47 @@ def test_out_and_cache_root_are_exclusive(tmp_path: Path, teacher: Path) -> None
         dump(DumpConfig(teacher=str(teacher), arch=ARCH, dataset="digits", out=str(tmp_path / "a"), cache_root=str(tmp_path), k=3))
     with pytest.raises(UsageError, match="say where the cache goes"):
         dump(DumpConfig(teacher=str(teacher), arch=ARCH, dataset="digits", k=3))
+
+
+def test_the_root_comes_from_the_environment(tmp_path: Path, teacher: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from logit_cache.cli import main
+
+    root = tmp_path / "root"
+    kept = root_dump(root, teacher)
+    doomed = root_dump(root, teacher, k=5)
+    runner = CliRunner()
+    missing = runner.invoke(main, ["ls"], env={"LOGIT_CACHE_ROOT": ""})
+    assert missing.exit_code == 1 and "name the cache root" in missing.output and "LOGIT_CACHE_ROOT" in missing.output
+    env = {"LOGIT_CACHE_ROOT": str(root)}
+    listing = runner.invoke(main, ["ls", "--json"], env=env)
+    assert {r["key"] for r in json.loads(listing.output)} == {kept.manifest.key, doomed.manifest.key}
+    removed = runner.invoke(main, ["rm", doomed.manifest.key, "--yes"], env=env)  # the key is looked up under $LOGIT_CACHE_ROOT
+    assert removed.exit_code == 0 and not doomed.out.exists() and kept.out.exists()
+    assert "LOGIT_CACHE_ROOT" in runner.invoke(main, ["dump", "--help"]).output
+    # --out wins over the environment's root (it is only the default without --out)
+    out = tmp_path / "plain"
+    dumped = runner.invoke(main, ["dump", "--teacher", str(teacher), "--arch", ARCH, "--arch-kwargs", ARCH_KWARGS, "--dataset",
+                                  spec("random_images"), "--out", str(out), "--topk", "3", "--quiet"], env=env)
+    assert dumped.exit_code == 0, dumped.output
+    assert out.is_dir() and {p.name for p in root.iterdir()} == {kept.out.name}
+
+
+def test_names_under_a_root_come_from_the_target_kind(tmp_path: Path) -> None:
+    from logit_cache.catalog import cache_dir_name, find_by_key, readable_name
+    from logit_cache.format.naming import names_cache_of
+    from logit_cache.targets import KINDS
+
+    labels = {name: readable_name("digits", {"split": "train"}, name, 5, "float16", 1, "zarr") for name in KINDS}
+    assert labels["topk"] == "digits-split=train--top5-float16-zarr"
+    assert labels["sampled"].endswith("--sample5-float16-zarr") and labels["full"].endswith("--full-float16-zarr")
+    key = "0123456789abcdef"
+    name = cache_dir_name(labels["topk"], key)
+    assert names_cache_of(name, key, "zarr") and not names_cache_of(name, key, "hdf5")
+    assert not names_cache_of(name + ".partial", key, "zarr")
+    for other in (f".{name}", name + ".partial", cache_dir_name(labels["topk"].replace("zarr", "hdf5"), key)):
+        (tmp_path / other).mkdir()
+    assert find_by_key(tmp_path, key, "zarr") is None  # hidden, unfinished or of another backend: not it
+    (tmp_path / name).mkdir()
+    assert find_by_key(tmp_path, key, "zarr") == tmp_path / name

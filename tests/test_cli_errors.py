@@ -161,3 +161,26 @@ def test_info_shows_an_unfinished_dump_as_incomplete(cli, teacher_ckpt, tmp_path
     text = cli("info", out)
     assert text.exit_code == 0 and "INCOMPLETE" in text.output and "out.partial" in text.output
     assert json.loads(cli("info", out, "--json").output)["complete"] is False
+
+
+def test_choices_come_from_the_registries():
+    """--format and --dtype offer what logit_cache.store and logit_cache.targets hold; the teacher options are one set."""
+    from logit_cache.cli import main
+    from logit_cache.store import BACKENDS
+    from logit_cache.targets import VALUE_DTYPES
+
+    for name in ("dump", "convert"):
+        params = {param.name: param for param in main.commands[name].params}
+        assert list(params["backend"].type.choices) == list(BACKENDS)
+        assert list(params["dtype"].type.choices) == list(VALUE_DTYPES)
+    teacher = [[p.opts for p in main.commands[name].params if p.name in ("teacher", "arch", "arch_kwargs", "trust_checkpoint")]
+               for name in ("dump", "train", "verify")]
+    assert teacher[0] == teacher[1] == teacher[2] == [["--teacher"], ["--arch"], ["--arch-kwargs"], ["--trust-checkpoint"]]
+
+
+@pytest.mark.parametrize("extra", [["--sample", "5", "--full"], ["--topk", "3", "--sample", "5"]])
+def test_exclusive_kind_flags_are_refused_once(cli, teacher_ckpt, tmp_path, extra):
+    """The dump's own validation refuses two kinds (the CLI passes the flags on as given)."""
+    flags = [arg for arg in extra if arg.startswith("--")]
+    assert_one_line_error(cli(*base(teacher_ckpt, tmp_path / "out", *extra)), *flags, "exclusive")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

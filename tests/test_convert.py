@@ -289,3 +289,30 @@ def test_killed_conversion_leaves_only_the_partial(cli, caches, tmp_path):
     assert cli("convert", src, out, "--format", "hdf5", "--overwrite", "-q").exit_code == 0
     assert not Path(f"{out}.partial").exists()
     np.testing.assert_array_equal(read_plain(out, "topk_logits"), read_plain(src, "topk_logits"))
+
+
+def test_any_registered_backend_is_a_target(caches, tmp_path, monkeypatch):
+    """Convert knows no backend by name: a third registered backend is offered and written like the others."""
+    from logit_cache import store
+    from logit_cache.store.zarr_store import ZarrBackend
+
+    monkeypatch.setitem(store.BACKENDS, "zarr-copy", ZarrBackend())
+    src = caches["topk16"]
+    with pytest.raises(UsageError, match="nothing to convert; pass --format hdf5 or zarr-copy and/or --dtype float32"):
+        convert(src, tmp_path / "o", backend="zarr")
+    result = convert(src, tmp_path / "copy", backend="zarr-copy", quiet=True)
+    assert result.manifest.backend == "zarr-copy" and result.manifest.key == result.source.key
+    with open_cache(tmp_path / "copy") as copy, open_cache(src) as source:
+        assert copy.manifest.arrays == source.manifest.arrays
+        for position, entry in enumerate(source.manifest.shards):
+            rows = entry.row_stop - entry.row_start
+            for name in ("topk_indices", "topk_logits"):
+                np.testing.assert_array_equal(copy.shard(position).read(name, 0, rows), source.shard(position).read(name, 0, rows))
+
+
+def test_value_arrays_come_from_the_target_kinds():
+    from logit_cache.targets import KINDS
+    from logit_cache.tools.convert import VALUE_ARRAYS
+
+    assert set(VALUE_ARRAYS) == {name for kind in KINDS.values() for name in kind.value_arrays}
+    assert {"logits", "topk_logits", "sampled_logits"} <= set(VALUE_ARRAYS)

@@ -20,12 +20,12 @@ import torch
 import zarr
 from conftest import ARCH, ARCH_KWARGS
 from data_factories import causal_bag, spec
-from logit_cache.reader import open_cache
-from logit_cache.verify import verify_cache
 
 from logit_cache import DumpConfig, dump
 from logit_cache.errors import CacheFormatError, CorruptShardError
+from logit_cache.reader import open_cache
 from logit_cache.store import BACKENDS, ArraySpec, get_backend
+from logit_cache.verify import verify_cache
 
 N = 600
 SHARD_ROWS = 256  # three shards of 256, 256 and 88 rows; one chunk per array and shard

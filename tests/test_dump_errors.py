@@ -21,8 +21,8 @@ import pytest
 import torch
 from conftest import ARCH, ARCH_KWARGS
 from data_factories import RaggedTokens, RandomImages, causal_bag, spec
-from logit_cache.fingerprint import sample_indices
 
+from logit_cache.fingerprint import sample_indices
 from logit_cache.store import base as store_base
 
 HERE = f"{Path(__file__).resolve()}"

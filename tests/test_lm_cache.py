@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from data_factories import RaggedTokens, causal_bag, read_plain, spec
-from logit_cache.tokens import TokenWindows, collate_tokens, next_token_mask
 
 from logit_cache import DumpConfig, TrainConfig, dump, open_cache, train
 from logit_cache.errors import DatasetMismatchError
 from logit_cache.targets import encode
+from logit_cache.tokens import TokenWindows, collate_tokens, next_token_mask
 
 VOCAB = 50
 ARCH = spec("causal_bag")

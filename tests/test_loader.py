@@ -468,3 +468,34 @@ def test_single_items_collate_like_batches(caches, data, expected, name):
     (check_topk if a.mode == "topk" else check_full)(a, rows, expected)
     with pytest.raises(UsageError, match="empty batch"):
         collate([])
+
+
+# -- layering: the reader knows nothing of the loader ------------------------------------------------------
+
+
+def test_the_io_reader_serves_the_loader_without_the_data_layer(caches, data):
+    """io/ serves rows (TargetReader); the loader wraps any such reader; LogitCache (data/) only hands over to it."""
+    import ast
+    import importlib
+
+    from logit_cache.io.rows import TargetReader
+
+    reader = TargetReader(caches["topk-zarr"], in_memory=False, chunk_cache_bytes=SMALL_CACHE)
+    wrapped = CachedDataset(data, [reader])
+    sampler = ChunkShuffleSampler.for_caches([reader], seed=3)
+    assert sampler.block_size > 1 and sampler._forward[0]() is wrapped  # set_epoch reaches the wrapper
+    batch = collate(wrapped.__getitems__(sampler.indices()[:8].tolist()))
+    cache = open_cache(caches["topk-zarr"], in_memory=False, chunk_cache_bytes=SMALL_CACHE)
+    assert isinstance(cache, TargetReader) and cache.wrappers() == []
+    rewrapped = cache.wrap(data)
+    again = collate(rewrapped.__getitems__(sampler.indices()[:8].tolist()))
+    assert torch.equal(batch[2].values, again[2].values) and cache.wrappers() == [rewrapped]
+    old = importlib.import_module("logit_cache.reader")
+    for name in ("open_cache", "LogitCache", "open_reader", "CacheReader", "shard_location"):
+        assert hasattr(old, name), name
+    for module in ("reader", "rows", "chunk_cache"):
+        tree = ast.parse(Path(importlib.import_module(f"logit_cache.io.{module}").__file__).read_text())
+        # the reader's module __getattr__ is a temporary alias of the names that moved to data/cache.py
+        code = [node for node in tree.body if not (isinstance(node, ast.FunctionDef) and node.name == "__getattr__")]
+        imported = [n.module or "" for top in code for n in ast.walk(top) if isinstance(n, ast.ImportFrom)]
+        assert not [m for m in imported if m.startswith("data") or ".data" in m], (module, imported)

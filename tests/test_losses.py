@@ -505,3 +505,37 @@ def test_topk_log_probs_with_all_mass_in_top_k_stays_finite():
     log_p, log_tail = topk_log_probs(v, torch.logsumexp(t, 1), 4.0, C)
     assert torch.isfinite(log_p).all() and torch.isfinite(log_tail).all()
     assert (log_tail >= LOG_MASS_FLOOR).all()
+
+
+# -- dispatch: on what the batch holds, refused by the kind's `losses` ---------------------------
+
+
+def test_losses_dispatch_on_the_batch_and_ask_the_kind_which_losses_read_it():
+    """A kind's targets go through the loss by what they hold (top-k values here), not by the mode's name;
+    a kind whose `losses` does not name kd_loss is refused by it, and token_kd_loss still reads it."""
+    from logit_cache.losses import token_kd_loss
+    from logit_cache.targets import register, unregister
+    from logit_cache.targets.topk import TopK
+
+    class TokenOnlyTopK(TopK):
+        name = "token-only-topk"
+        losses = frozenset({"token_kd_loss"})
+
+    register(TokenOnlyTopK())
+    try:
+        s, t = logits(1), logits(2)
+        plain = topk(t, 5)
+        renamed = Targets("token-only-topk", C, values=plain.values, indices=plain.indices, logsumexp=plain.logsumexp)
+        with pytest.raises(TargetMismatchError, match="mode 'token-only-topk' are not supported by kd_loss"):
+            kd_loss(s, renamed)
+        assert torch.equal(token_kd_loss(s, renamed, 2.0), token_kd_loss(s, plain, 2.0))
+    finally:
+        unregister("token-only-topk")
+
+
+def test_kd_loss_refuses_sampled_targets():
+    t = logits(3)
+    sampled = Targets("sampled", C, indices=t.topk(4).indices, counts=torch.ones(B, 4, dtype=torch.uint8),
+                      logsumexp=torch.logsumexp(t, 1))
+    with pytest.raises(TargetMismatchError, match="mode 'sampled' are not supported by kd_loss"):
+        kd_loss(logits(4), sampled)

@@ -16,8 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from logit_cache.models import digits_mlp
-from logit_cache.teacher import Teacher, detect_format, load_teacher
 from torch import nn
 
 from logit_cache.errors import (
@@ -28,6 +26,8 @@ from logit_cache.errors import (
     UntrustedCheckpointError,
     UsageError,
 )
+from logit_cache.models import digits_mlp
+from logit_cache.teacher import Teacher, detect_format, load_teacher
 
 ARCH = "logit_cache.models:digits_mlp"
 KWARGS = {"hidden": 16}

@@ -338,7 +338,7 @@ def test_student_dtype_is_kept_for_the_gradient():
     target = stored(randn(23), "sampled", "float16", m=M)
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         student = randn(24).to(dtype).requires_grad_()
-        token_kd_loss(student, target, chunk_tokens=3).backward()
+        token_kd_loss(student, target, temperature=1.0, chunk_tokens=3).backward()
         assert student.grad.dtype == dtype
     check_against_reference(randn(24).double(), target, 1.0)  # float64 logits, float32 arithmetic inside
 
@@ -418,3 +418,17 @@ def test_masked_token_logits_pairs_with_per_token_targets():
 def test_masked_token_logits_errors(shape, lengths, match):
     with pytest.raises(TargetMismatchError, match=match):
         masked_token_logits(torch.zeros(shape), torch.tensor(lengths))
+
+
+def test_defaults_are_kd_losss():
+    """token_kd_loss and token_loss_terms default `temperature` and `tail` as kd_loss does, and then agree with it."""
+    import inspect
+
+    from logit_cache.losses import token_loss_terms
+
+    expected = {name: inspect.signature(kd_loss).parameters[name].default for name in ("temperature", "tail")}
+    for function in (token_kd_loss, token_loss_terms):
+        parameters = inspect.signature(function).parameters
+        assert {name: parameters[name].default for name in expected} == expected, function.__name__
+    student, target = randn(40), stored(randn(41), "topk", k=K)
+    assert_rel(token_kd_loss(student, target), kd_loss(student, target), 1e-5)

@@ -211,3 +211,29 @@ def test_default_collate_also_works(work: dict[str, Path]) -> None:
         expected = make_teacher()(inputs)
     torch.testing.assert_close(target["topk_indices"].long(), expected.topk(5).indices)  # the dump selects in float32
     assert labels.tolist() == DigitsDataset("train").labels[:8].tolist()
+
+
+def test_one_loop_both_tasks_mix_their_losses_through_distillation_loss() -> None:
+    """The classifier and the language model differ only in their task; both mix KD and ground truth with
+    DistillationLoss's weights and window, and the trainer imports nothing private of another module."""
+    import ast
+
+    import logit_cache.train as package
+    from logit_cache.losses import DistillationLoss, KLDivergence, TokenCrossEntropy, TokenKLDivergence
+    from logit_cache.train.tasks import Classification, LanguageModel
+
+    config = TrainConfig(student=ARCH, out="unused.pt", labels_only=True, kd_loss_weight=0.7, org_loss_weight=0.3,
+                         kd_start=0.25, kd_end=0.5, tail="ignore")
+    for task, kd, ce in ((Classification(), KLDivergence, torch.nn.CrossEntropyLoss), (LanguageModel(), TokenKLDivergence,
+                                                                                        TokenCrossEntropy)):
+        criterion = task.criterion(config, 2.0)
+        assert isinstance(criterion, DistillationLoss) and isinstance(criterion.kd, kd) and isinstance(criterion.ce_loss, ce)
+        assert (criterion.kd_loss_weight, criterion.org_loss_weight, criterion.start, criterion.end) == (0.7, 0.3, 0.25, 0.5)
+        assert (criterion.kd.temperature, criterion.kd.tail) == (2.0, "ignore")
+        assert isinstance(task.criterion(config, None), ce)  # labels only
+    private = []
+    for path in Path(package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                private += [f"{path.name}: {a.name}" for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert private == []

@@ -420,3 +420,32 @@ def test_topk_allows_swaps_among_ties_only():
     assert "descending" in compare_topk(np.array([2, 0]), teacher[[2, 0]], lse, teacher, "float32", 1e-4)
     assert "outside" in compare_topk(np.array([0, 9]), np.array([5.0, 3.0]), lse, teacher, "float32", 1e-4)
     assert "repeat" in compare_topk(np.array([0, 0]), np.array([5.0, 5.0]), lse, teacher, "float32", 1e-4)
+
+
+def test_rows_are_compared_by_what_the_kind_stores() -> None:
+    """Verify asks the target kind which comparison its rows get (dense logits or top-k ids), not its name."""
+    from logit_cache.targets import KINDS
+    from logit_cache.tools.verify_compare import comparable, compare_row
+
+    assert comparable(KINDS["full"]) and comparable(KINDS["topk"]) and not comparable(KINDS["sampled"])
+    teacher = np.array([3.0, 1.0, 2.0, 0.0], dtype=np.float32)
+    dense = {"logits": teacher.copy()}
+    assert compare_row(KINDS["full"], dense.__getitem__, dense.__contains__, teacher, "float32", 1e-4) is None
+    dense["logits"][1] = 5.0
+    assert "worst class 1" in compare_row(KINDS["full"], dense.__getitem__, dense.__contains__, teacher, "float32", 1e-4)
+    top = {"topk_indices": np.array([0, 2]), "topk_logits": np.array([3.0, 2.0], dtype=np.float32)}
+    assert compare_row(KINDS["topk"], top.__getitem__, top.__contains__, teacher, "float32", 1e-4) is None  # no logsumexp: not checked
+    top["logsumexp"] = np.float32(9.0)
+    assert "logsumexp" in compare_row(KINDS["topk"], top.__getitem__, top.__contains__, teacher, "float32", 1e-4)
+
+
+def test_an_unfinished_dump_is_found_beside_its_name(tmp_path: Path) -> None:
+    from logit_cache.format.completeness import shown_location, unfinished_work
+
+    out = tmp_path / "cache"
+    assert unfinished_work(out) is None and shown_location(out) == out
+    (tmp_path / "cache.partial").mkdir()
+    assert unfinished_work(out) == tmp_path / "cache.partial" and shown_location(out) == tmp_path / "cache.partial"
+    assert unfinished_work(str(out), exists=lambda p: Path(p).exists()) == f"{out}.partial"  # the reader's form (URLs)
+    out.mkdir()  # the finished cache is there: the leftover does not count
+    assert unfinished_work(out) is None and shown_location(out) == out

@@ -9,6 +9,14 @@ Built-in ``digits``: scikit-learn's copy of the UCI optical handwritten digits (
 10 classes, shipped inside scikit-learn, so nothing is downloaded). Inputs are float32 tensors
 ``(1, 8, 8)`` scaled to [0, 1]; labels are ints. The split is fixed: a permutation of all indices
 by ``numpy.random.default_rng(0)``; the first 1,437 (80%) are ``train``, the other 360 ``test``.
+
+The fingerprint names content, not spelling: it hashes the dataset's *identity* (the callable as
+:func:`~logit_cache.specs.callable_identity` names it, the kwargs with defaults filled by
+:func:`~logit_cache.specs.bound_kwargs`; a built-in name and ``tokens:PATH`` are their own spec), so
+``pkg.mod:fn``, ``pkg/mod.py:fn`` and the defaults spelled out give one fingerprint. The manifest shows
+the spec and kwargs as typed and records the identity (``dataset.identity``) when it differs, so the
+fingerprint can be recomputed without resolving the spec again; a manifest without one (older caches,
+or typed as the identity) was fingerprinted from the spec and kwargs it shows.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ from torch.utils.data import Dataset
 
 from ..errors import DatasetError, SpecError
 from ..format.identity import dataset_fingerprint
-from ..specs import resolve_callable
+from ..specs import bound_kwargs, callable_identity, resolve_callable
 from .replay import FirstViews
 from .tokens import ByteText, TokenWindows, is_token_item, token_item
 
@@ -90,15 +98,21 @@ class ResolvedDataset:
     has_labels: bool
     #: Items are token sequences (a language model's data): one cache row per real token.
     per_token: bool = False
+    #: What the fingerprint hashes instead of the spelling: {"spec": ..., "kwargs": ...} (None: spec and kwargs).
+    identity: dict[str, Any] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def fingerprint(self, seed: int | None = None) -> str:
-        return fingerprint_as_dumped(self.dataset, self.spec, self.kwargs, seed)
+        identity = self.identity or {"spec": self.spec, "kwargs": self.kwargs}
+        return fingerprint_as_dumped(self.dataset, identity["spec"], identity["kwargs"], seed)
 
     def manifest_entry(self, fingerprint: str) -> dict[str, Any]:
-        return {"spec": self.spec, "kwargs": self.kwargs, "length": len(self.dataset), "fingerprint": fingerprint}
+        entry = {"spec": self.spec, "kwargs": self.kwargs, "length": len(self.dataset), "fingerprint": fingerprint}
+        if self.identity is not None and self.identity != {"spec": self.spec, "kwargs": self.kwargs}:
+            entry["identity"] = self.identity
+        return entry
 
 
 def fingerprint_as_dumped(dataset: Any, spec: str, kwargs: Mapping[str, Any], seed: int | None) -> str:
@@ -116,7 +130,8 @@ def recorded_fingerprint(dataset: Any, manifest: Manifest) -> str:
     seed), to compare with ``manifest.dataset["fingerprint"]``."""
     recorded = manifest.dataset
     seed = None if manifest.per_token else manifest.seed  # per token, the seed is the sampling seed: no replayed inputs
-    return fingerprint_as_dumped(dataset, str(recorded.get("spec")), dict(recorded.get("kwargs") or {}), seed)
+    identity = recorded.get("identity") or recorded  # see the module docstring
+    return fingerprint_as_dumped(dataset, str(identity.get("spec")), dict(identity.get("kwargs") or {}), seed)
 
 
 def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> ResolvedDataset:
@@ -124,14 +139,18 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
     kwargs = dict(kwargs or {})
     if spec in BUILTIN_DATASETS:
         factory: Any = BUILTIN_DATASETS[spec]
+        identity = {"spec": spec, "kwargs": bound_kwargs(factory, kwargs)}
     elif spec.startswith(TOKENS_PREFIX):
         path = spec[len(TOKENS_PREFIX):]
         factory = lambda **kw: TokenWindows(path, **kw)  # noqa: E731
+        bound = bound_kwargs(TokenWindows, {"ids": path, **kwargs})
+        identity = {"spec": spec, "kwargs": {name: value for name, value in bound.items() if name != "ids"}}
     elif ":" in spec:
         try:
             factory = resolve_callable(spec, "--dataset")
         except SpecError as exc:
             raise DatasetError(str(exc)) from exc
+        identity = {"spec": callable_identity(factory, spec), "kwargs": bound_kwargs(factory, kwargs)}
     else:
         raise DatasetError(
             f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}), tokens:PATH.npy, nor MODULE:CALLABLE"
@@ -158,8 +177,9 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
         parsed = token_item(first, f"--dataset {spec!r} item 0")
         if len(parsed.ids) == 0:
             raise DatasetError(f"--dataset {spec!r}: item 0 has no tokens")
-        return ResolvedDataset(dataset, spec, kwargs, has_labels=True, per_token=True)  # labels: the ids, at worst
-    return ResolvedDataset(dataset, spec, kwargs, has_labels=_split_item(first, spec)[1] is not None)
+        # labels: the ids, at worst
+        return ResolvedDataset(dataset, spec, kwargs, has_labels=True, per_token=True, identity=identity)
+    return ResolvedDataset(dataset, spec, kwargs, has_labels=_split_item(first, spec)[1] is not None, identity=identity)
 
 
 def _split_item(item: Any, spec: str) -> tuple[Any, Any]:

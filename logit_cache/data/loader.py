@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import weakref
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -32,14 +31,13 @@ from torch.utils.data import Sampler, default_collate
 
 from ..errors import DatasetMismatchError, UsageError
 from ..format.identity import canonical_json
-from ..io.reader import LogitCache
+from ..io.rows import TargetReader
 from ..targets.batch import Targets
 from .datasets import recorded_fingerprint
-from .replay import ViewFn, default_view, replay_items
-from .tokens import collate_tokens
+from .replay import ViewFn, default_view, remember_wrapper, replay_items, wrappers_of
+from .tokens import collate_token_targets, concat_sequences, slice_sequence
 
 VERIFY_CHOICES = ("fingerprint", "length")
-
 
 class _TargetRow(Mapping):
     """One item's target: a view of row ``j`` of a batch read (no copy until collated)."""
@@ -69,7 +67,7 @@ class _Fetched:
 
     __slots__ = ("_items", "arrays", "caches", "items", "targets")
 
-    def __init__(self, items: list, arrays: list[dict[str, np.ndarray]], caches: list[LogitCache]) -> None:
+    def __init__(self, items: list, arrays: list[dict[str, np.ndarray]], caches: list[TargetReader]) -> None:
         self.items, self.arrays, self.caches = items, arrays, caches
         self.targets = [Targets.from_arrays(c.mode, c.num_classes, a) for c, a in zip(caches, arrays, strict=True)]
         self._items: list[tuple] | None = None
@@ -93,19 +91,10 @@ class _Fetched:
         return iter(self._attached())
 
 
-def _sample_slice(target: Targets, j: int) -> Targets:
-    """Sequence ``j`` of a flat per-token batch, as a one-sequence Targets (views, no copy)."""
-    ends = torch.cumsum(target.lengths, 0)
-    stop = int(ends[j])
-    start = stop - int(target.lengths[j])
-    cut = {name: t[start:stop] for name, t in target._tensors().items() if name != "lengths"}
-    return replace(target, **cut, lengths=target.lengths[j : j + 1])
-
-
 class _FetchedTokens(_Fetched):
     """A per-token batch: the sequences and, per cache, a flat Targets of their tokens with ``lengths``."""
 
-    def __init__(self, items: list, targets: list[Targets], caches: list[LogitCache]) -> None:
+    def __init__(self, items: list, targets: list[Targets], caches: list[TargetReader]) -> None:
         self.items, self.arrays, self.caches, self.targets = items, [], caches, targets
         self._items = None
 
@@ -113,16 +102,9 @@ class _FetchedTokens(_Fetched):
         if self._items is None:
             self._items = []
             for j, item in enumerate(self.items):
-                rows = [_sample_slice(t, j) for t in self.targets]
+                rows = [slice_sequence(t, j) for t in self.targets]
                 self._items.append(_attach(item, rows[0] if len(rows) == 1 else rows))
         return self._items
-
-
-def _concat_targets(parts: Sequence[Targets]) -> Targets:
-    """Per-token Targets of single sequences joined into one flat batch."""
-    first = parts[0]
-    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in first._tensors()}
-    return replace(first, **tensors)
 
 
 def _attach(item: Any, target: Any) -> tuple:
@@ -146,7 +128,7 @@ class CachedDataset(torch.utils.data.Dataset):
     sampler passes with each index, or the one set by :meth:`set_epoch` for plain integer indices.
     """
 
-    def __init__(self, dataset: Any, caches: Sequence[LogitCache], verify: str = "fingerprint",
+    def __init__(self, dataset: Any, caches: Sequence[TargetReader], verify: str = "fingerprint",
                  view_fn: ViewFn | None = None) -> None:
         if verify not in VERIFY_CHOICES:
             raise UsageError(f"verify={verify!r}: expected one of {', '.join(VERIFY_CHOICES)}")
@@ -181,7 +163,8 @@ class CachedDataset(torch.utils.data.Dataset):
                 )
             if verify == "fingerprint":
                 spec, kwargs = recorded.get("spec"), recorded.get("kwargs") or {}
-                token = canonical_json([spec, kwargs])
+                # the identity too: an old cache (spelled spec) and a new one (normalised) hash by different rules
+                token = canonical_json([spec, kwargs, recorded.get("identity")])
                 if token not in fingerprints:
                     fingerprints[token] = recorded_fingerprint(dataset, cache.manifest)
                 if fingerprints[token] != recorded.get("fingerprint"):
@@ -193,7 +176,7 @@ class CachedDataset(torch.utils.data.Dataset):
                         f"purpose, pass verify='length' (CLI: --verify length)"
                     )
             cache.load()  # in-memory caches: read now, so forked workers share one copy
-            cache.register(self)
+            remember_wrapper(cache, self)
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -284,24 +267,16 @@ def _is_token_target(target: Any) -> bool:
 
 
 def _collate_tokens(batch: Any) -> tuple:
-    """Per-token batches: ``(inputs, labels, Targets)``, inputs right-padded (tokens.collate_tokens),
-    Targets flat over the real tokens with ``lengths``; the lengths must agree with the cache's."""
+    """Per-token batches: ``(inputs, labels, Targets)``; see :func:`~logit_cache.data.tokens.collate_token_targets`."""
     if isinstance(batch, _FetchedTokens):
         items, targets = batch.items, batch.targets
     else:
         items = [item[0] if len(item) == 2 else tuple(item[:-1]) for item in batch]
         last = [item[-1] for item in batch]
         many = isinstance(last[0], list)
-        targets = [_concat_targets([t[p] for t in last]) for p in range(len(last[0]))] if many else [_concat_targets(last)]
-    padded = collate_tokens(items)
-    for target in targets:
-        if not torch.equal(target.lengths.to(torch.int64), padded.lengths):
-            j = int((target.lengths.to(torch.int64) != padded.lengths).nonzero()[0, 0])
-            raise DatasetMismatchError(
-                f"sequence {j} of the batch has {int(padded.lengths[j])} tokens but the cache holds {int(target.lengths[j])} "
-                f"rows for it: the dataset is not the one the cache was dumped from"
-            )
-    return padded.inputs, padded.labels, targets[0] if len(targets) == 1 else targets
+        targets = [concat_sequences([t[p] for t in last]) for p in range(len(last[0]))] if many else [concat_sequences(last)]
+    inputs, labels, targets = collate_token_targets(items, targets)
+    return inputs, labels, targets[0] if len(targets) == 1 else targets
 
 
 def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -364,13 +339,13 @@ class ChunkShuffleSampler(Sampler[int]):
             self.per_rank = math.ceil(self.num_samples / self.num_replicas)
 
     @classmethod
-    def for_caches(cls, caches: Sequence[LogitCache], shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
+    def for_caches(cls, caches: Sequence[TargetReader], shuffle: bool = True, seed: int = 0, **kwargs: Any) -> ChunkShuffleSampler:
         """Blocks of one chunk and a window of half the chunk cache's slots; a plain permutation when
         the caches are in memory or their chunk caches hold every chunk."""
         cache = caches[0]
         block = cache.samples_per_chunk
         kwargs.setdefault("with_epoch", any(c.manifest.views > 1 for c in caches))
-        kwargs.setdefault("forward_to", [w for c in caches for w in c.wrappers()])
+        kwargs.setdefault("forward_to", [w for c in caches for w in wrappers_of(c)])
         if all(c.in_memory or c.slots >= c.num_chunks for c in caches):  # every chunk fits at once: any order is cheap
             kwargs.setdefault("window", None)
             kwargs.setdefault("block_size", 1)

@@ -12,13 +12,16 @@ a few items by producing them twice (:func:`check_replayable`) and refuses a dat
 
 Which view a sample shows in an epoch (training): :func:`default_view` gives each sample its V
 views in turn, from a per-sample starting point, so over V consecutive epochs every sample shows
-every view once and, within one epoch, samples show different views.
+every view once and, within one epoch, samples show different views. The epoch reaches the
+datasets wrapped with a cache through the cache's sampler, which forwards ``set_epoch`` to those
+:func:`remember_wrapper` recorded.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -129,3 +132,18 @@ def default_view(epoch: int, indices: np.ndarray, views: int) -> np.ndarray:
     indices = np.asarray(indices, dtype=np.uint64)
     mixed = (indices * np.uint64(0x9E3779B97F4A7C15)) >> np.uint64(33)  # Fibonacci hashing: spreads consecutive ids
     return ((mixed + np.uint64(epoch)) % np.uint64(views)).astype(np.int64)
+
+
+#: The datasets wrapped with each cache, weakly on both sides, so the cache's sampler can forward
+#: ``set_epoch`` to them. Per process: a spawned worker's copy of a cache has none (it needs none).
+_WRAPPED: weakref.WeakKeyDictionary[Any, list[weakref.ref]] = weakref.WeakKeyDictionary()
+
+
+def remember_wrapper(cache: Any, wrapper: Any) -> None:
+    """Remember that ``wrapper`` (a dataset) wraps ``cache``, for :func:`wrappers_of`."""
+    _WRAPPED[cache] = [ref for ref in _WRAPPED.get(cache, []) if ref() is not None] + [weakref.ref(wrapper)]
+
+
+def wrappers_of(cache: Any) -> list[Any]:
+    """The datasets still alive that wrap ``cache`` (what its sampler forwards ``set_epoch`` to)."""
+    return [w for w in (ref() for ref in _WRAPPED.get(cache, [])) if w is not None]

@@ -29,14 +29,15 @@ Built-in data sets (``--dataset``):
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..errors import DatasetError
+from ..errors import DatasetError, DatasetMismatchError
+from ..targets.batch import Targets
 
 #: Label value that means "no loss here" (Hugging Face's and torch's ``ignore_index``).
 IGNORE_INDEX = -100
@@ -179,6 +180,37 @@ def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
 
 
 # -- built-in data sets ---------------------------------------------------------------------------------
+
+
+def slice_sequence(target: Targets, j: int) -> Targets:
+    """Sequence ``j`` of a flat per-token Targets (with ``lengths``), as a one-sequence Targets (views, no copy)."""
+    ends = torch.cumsum(target.lengths, 0)
+    stop = int(ends[j])
+    start = stop - int(target.lengths[j])
+    cut = {name: t[start:stop] for name, t in target.tensors().items() if name != "lengths"}
+    return replace(target, **cut, lengths=target.lengths[j : j + 1])
+
+
+def concat_sequences(parts: Sequence[Targets]) -> Targets:
+    """Per-token Targets of single sequences joined into one flat batch (the inverse of :func:`slice_sequence`)."""
+    first = parts[0]
+    tensors = {name: torch.cat([getattr(p, name) for p in parts]) for name in first.tensors()}
+    return replace(first, **tensors)
+
+
+def collate_token_targets(items: Sequence[Any], targets: list[Targets]) -> tuple[Any, torch.Tensor, list[Targets]]:
+    """A per-token batch from a cache: ``(inputs, labels, targets)``, the items right-padded
+    (:func:`collate_tokens`), each cache's flat Targets over the real tokens, with ``lengths`` that must
+    agree with the items' own (else :class:`DatasetMismatchError`: the dataset is not the cache's)."""
+    padded = collate_tokens(items)
+    for target in targets:
+        if not torch.equal(target.lengths.to(torch.int64), padded.lengths):
+            j = int((target.lengths.to(torch.int64) != padded.lengths).nonzero()[0, 0])
+            raise DatasetMismatchError(
+                f"sequence {j} of the batch has {int(padded.lengths[j])} tokens but the cache holds {int(target.lengths[j])} "
+                f"rows for it: the dataset is not the one the cache was dumped from"
+            )
+    return padded.inputs, padded.labels, targets
 
 
 def _window_starts(num_tokens: int, seq_len: int, stride: int) -> np.ndarray:

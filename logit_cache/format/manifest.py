@@ -16,16 +16,26 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .. import store
 from ..errors import CacheFormatError, CacheNotFoundError
 from ..store.base import URLPath, as_location, is_url, url_filesystem
+from ..targets import get_kind, kind_names
+from ..targets.dtypes import VALUE_DTYPES  # re-exported: the manifest's value dtypes
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-MODES = ("full", "topk", "sampled")
-VALUE_DTYPES = ("float16", "float32")
-BACKENDS = ("zarr", "hdf5")
 #: What the temporary files of :func:`write_json_atomic` end with (``.manifest.json.<random>.partial``).
 JSON_TEMP_SUFFIX = ".partial"
+
+
+def __getattr__(name: str) -> Any:
+    """``MODES`` (the registered target kinds) and ``BACKENDS`` (``logit_cache.store.BACKENDS``'s names),
+    read from their registries when asked."""
+    if name == "MODES":
+        return kind_names()
+    if name == "BACKENDS":
+        return tuple(store.BACKENDS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -116,16 +126,13 @@ class Manifest:
         def bad(name: str, why: str) -> CacheFormatError:
             return CacheFormatError(f"{source}: field {name!r} {why}")
 
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"is {self.backend!r}, expected one of {', '.join(BACKENDS)}")
-        if self.mode not in MODES:
-            raise bad("mode", f"is {self.mode!r}, expected one of {', '.join(MODES)}")
+        if self.backend not in store.BACKENDS:
+            raise bad("backend", f"is {self.backend!r}, expected one of {', '.join(store.BACKENDS)}")
+        if self.mode not in kind_names():
+            raise bad("mode", f"is {self.mode!r}, expected one of {', '.join(kind_names())}")
         if self.dtype not in VALUE_DTYPES:
             raise bad("dtype", f"is {self.dtype!r}, expected one of {', '.join(VALUE_DTYPES)}")
-        if self.mode == "topk" and not (isinstance(self.k, int) and 1 <= self.k <= self.num_classes):
-            raise bad("k", f"is {self.k!r}, expected an integer in [1, num_classes={self.num_classes}]")
-        if self.mode == "sampled" and not (isinstance(self.m, int) and self.m >= 1):
-            raise bad("m", f"is {self.m!r}, expected a positive integer (draws per row) in a sampled cache")
+        get_kind(self.mode).validate(self, bad)
         if self.views < 1:
             raise bad("views", f"is {self.views!r}, expected >= 1")
         for position, shard in enumerate(self.shards):

@@ -2,7 +2,8 @@
 
 The output directory's life is here too: ``check_output`` refuses to clobber, ``prepare_work_dir``
 creates ``OUT.partial`` (or checks and trims it on resume), ``finalize`` writes the complete
-manifest and renames ``OUT.partial`` to ``OUT``.
+manifest and renames ``OUT.partial`` to ``OUT``. What may be deleted (ours) is ``io/ownership.py``;
+where shards start and stop is ``format/layout.py``.
 
 The dump's main thread runs the teacher and hands each encoded batch to a bounded queue; one
 writer thread turns it into host arrays and appends them to the current shard. So disk I/O and
@@ -19,85 +20,46 @@ resumed and multi-rank dumps identical to a single uninterrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import queue
-import secrets
 import shutil
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import CacheFormatError, LogitCacheError, OutputExistsError, UsageError
-from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, is_json_temp, read_manifest, write_json_atomic, write_manifest
+from ..format.layout import ShardPlan, plan_shards, plan_token_shards, split_for_rank  # noqa: F401  (moved to format.layout)
+from ..format.manifest import MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_json_atomic, write_manifest
 from ..format.paths import PARTIAL_SUFFIX, output_error, partial_path
 from ..store import ArraySpec, Backend, ShardWriter
+from .ownership import (  # noqa: F401  (moved to io.ownership)
+    OUR_MANIFEST_FIELDS,
+    TOMBSTONE_INFIX,
+    WORK_MARKER,
+    WORK_MARKER_TOOL,
+    discard_dir,
+    is_empty_dir,
+    is_our_manifest,
+    is_tombstone,
+    read_work_marker,
+    refuse_unless_ours,
+    remove_stray_temps,
+    rmtree_tolerant,
+    tombstone_path,
+    why_not_ours,
+    write_work_marker,
+)
 
 log = logging.getLogger(__name__)
 
 PROGRESS_DIR = "progress"
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """Where one shard sits in the cache: samples ``[sample_start, sample_stop)``, rows likewise."""
-
-    index: int
-    sample_start: int
-    sample_stop: int
-    row_start: int
-    row_stop: int
-
-    @property
-    def num_samples(self) -> int:
-        return self.sample_stop - self.sample_start
-
-    @property
-    def num_rows(self) -> int:
-        return self.row_stop - self.row_start
-
-    def planned_rows(self, specs: list[ArraySpec]) -> dict[str, int]:
-        """How many rows each array of this shard holds: per cache row, or per sample."""
-        planned = {"row": self.num_rows, "sample": self.num_samples, "offsets": self.num_samples + 1}
-        return {spec.name: planned[spec.per] for spec in specs if spec.per in planned}
-
-
-def plan_shards(num_samples: int, views: int, shard_rows: int) -> list[ShardPlan]:
-    """Cut ``num_samples`` per-sample items (``views`` rows each) into shards of at most
-    ``shard_rows`` rows, at sample boundaries."""
-    samples_per_shard = max(1, shard_rows // views)
-    plans = []
-    for index, start in enumerate(range(0, num_samples, samples_per_shard)):
-        stop = min(num_samples, start + samples_per_shard)
-        plans.append(ShardPlan(index, start, stop, start * views, stop * views))
-    return plans
-
-
-def plan_token_shards(lengths: np.ndarray, shard_rows: int) -> list[ShardPlan]:
-    """Cut samples of ``lengths`` rows each (tokens) into shards of at most ``shard_rows`` rows, at
-    sample boundaries; a sample longer than ``shard_rows`` gets a shard of its own."""
-    ends = np.cumsum(np.asarray(lengths, dtype=np.int64))
-    starts = ends - lengths
-    plans: list[ShardPlan] = []
-    first = 0
-    while first < len(ends):
-        stop = max(first + 1, int(np.searchsorted(ends, starts[first] + shard_rows, side="right")))
-        plans.append(ShardPlan(len(plans), first, stop, int(starts[first]), int(ends[stop - 1])))
-        first = stop
-    return plans
-
-
-def split_for_rank(plans: list[ShardPlan], rank: int, world_size: int) -> list[ShardPlan]:
-    """A contiguous run of shards for ``rank``; runs differ in length by at most one shard."""
-    count = len(plans)
-    return plans[rank * count // world_size : (rank + 1) * count // world_size]
 
 
 def progress_path(directory: Path, shard_name: str) -> Path:
@@ -132,122 +94,6 @@ def discard_unfinished(directory: Path, backend: Backend, plan: ShardPlan) -> No
     name = backend.shard_name(plan.index)
     for leftover in (directory / name, directory / (name + PARTIAL_SUFFIX), progress_path(directory, name)):
         remove_path(leftover)
-
-
-# -- what is ours: the only directories rm, gc and --overwrite may delete ---------------------
-
-#: A small JSON file a dump or conversion writes into its ``OUT.partial`` as soon as it creates it:
-#: proof that the directory is logit-cache's unfinished work (a folder named ``thesis.partial`` is not).
-#: It is removed just before ``OUT.partial`` is renamed to ``OUT`` (by then the complete manifest proves it).
-WORK_MARKER = ".logit-cache-work.json"
-WORK_MARKER_TOOL = "logit-cache"
-#: Fields a logit-cache manifest always has (any format version): a ``manifest.json`` without them is someone else's.
-OUR_MANIFEST_FIELDS = frozenset({"format_version", "backend", "mode", "key", "shards", "complete", "teacher", "dataset"})
-#: What a directory is renamed to while it is deleted: hidden, and matching no cache name or key lookup.
-TOMBSTONE_INFIX = ".logit-cache-deleting-"
-
-
-def write_work_marker(work: Path, key: str, backend: str, writer: str) -> None:
-    """Mark ``work`` (an ``OUT.partial`` just created) as logit-cache's own, naming the cache it will become."""
-    write_json_atomic(work / WORK_MARKER, {"tool": WORK_MARKER_TOOL, "writer": writer, "key": key, "backend": backend,
-                                           "cache": work.name.removesuffix(PARTIAL_SUFFIX)})
-
-
-def read_work_marker(work: Path) -> dict[str, Any] | None:
-    """The marker's record if ``work`` holds a valid one, else None (missing, unreadable, or not ours)."""
-    try:
-        data = json.loads((work / WORK_MARKER).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) and data.get("tool") == WORK_MARKER_TOOL else None
-
-
-def is_our_manifest(data: Any) -> bool:
-    """Whether parsed ``manifest.json`` content is a logit-cache manifest (of any version, damaged or not):
-    a JSON object with an integer ``format_version`` and our fields. A browser extension's
-    ``{"manifest_version": 3, ...}`` is not."""
-    return isinstance(data, dict) and isinstance(data.get("format_version"), int) and data.keys() >= OUR_MANIFEST_FIELDS
-
-
-def why_not_ours(path: Path) -> str | None:
-    """None if ``path`` is provably a logit-cache directory (a cache, an unfinished dump or conversion),
-    else why not, for a message. Provably ours: a ``manifest.json`` that :func:`is_our_manifest`, or an
-    ``OUT.partial`` holding our :data:`WORK_MARKER`. A manifest that cannot be read proves nothing."""
-    if path.is_symlink():
-        return "it is a symbolic link"
-    if not path.is_dir():
-        return "it is not a directory" if path.exists() else "it does not exist"
-    if path.name.endswith(PARTIAL_SUFFIX) and read_work_marker(path) is not None:
-        return None
-    manifest = path / MANIFEST_NAME
-    try:
-        data = json.loads(manifest.read_bytes())
-    except FileNotFoundError:
-        return f"no {MANIFEST_NAME}, and no {WORK_MARKER} of an unfinished logit-cache dump"
-    except PermissionError as exc:
-        return f"its {MANIFEST_NAME} cannot be read ({exc.strerror}), so it cannot be told apart from someone else's"
-    except OSError as exc:
-        return f"its {MANIFEST_NAME} cannot be read ({exc})"
-    except ValueError:
-        return f"its {MANIFEST_NAME} is not valid JSON, so it cannot be told apart from someone else's"
-    if not is_our_manifest(data):
-        return f"its {MANIFEST_NAME} is not a logit-cache manifest (no format_version, key, shards...)"
-    return None
-
-
-def is_empty_dir(path: Path) -> bool:
-    try:
-        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
-    except OSError:
-        return False
-
-
-def refuse_unless_ours(path: Path, not_what: str, then: str) -> None:
-    """Raise :class:`OutputExistsError` ``"{path} {not_what} ({why}); {then}"`` unless ``path`` is an empty
-    directory or provably ours (:func:`why_not_ours`): what every overwrite, resume and convert asks
-    before it may delete or write into a directory that is already there."""
-    why = None if is_empty_dir(path) else why_not_ours(path)
-    if why is not None:
-        raise OutputExistsError(f"{path} {not_what} ({why}); {then}")
-
-
-def tombstone_path(path: Path) -> Path:
-    """A fresh hidden name beside ``path`` for it to be deleted under (see :func:`discard_dir`)."""
-    return path.with_name(f".{path.name}{TOMBSTONE_INFIX}{os.getpid()}-{secrets.token_hex(3)}")
-
-
-def is_tombstone(name: str) -> bool:
-    return name.startswith(".") and TOMBSTONE_INFIX in name
-
-
-def rmtree_tolerant(path: Path) -> None:
-    """Delete a directory tree; what vanished meanwhile (another gc finishing the same tombstone) is fine."""
-
-    def onerror(func: Any, failed: str, exc_info: Any) -> None:
-        if not isinstance(exc_info[1], FileNotFoundError):
-            raise exc_info[1]
-
-    shutil.rmtree(path, onerror=onerror)
-
-
-def discard_dir(path: Path) -> None:
-    """Delete directory ``path`` so that an interruption (kill -9, power loss) leaves nothing under its
-    name: first rename it to a hidden tombstone (atomic), then delete the tombstone. A tombstone left
-    by a kill holds no cache anyone can find; ``gc`` deletes it."""
-    tomb = tombstone_path(path)
-    os.rename(path, tomb)
-    rmtree_tolerant(tomb)
-
-
-def remove_stray_temps(directory: Path) -> list[Path]:
-    """Delete temporary files of :func:`write_json_atomic` that a killed writer left in ``directory``."""
-    removed = []
-    with contextlib.suppress(FileNotFoundError):
-        for entry in directory.iterdir():
-            if is_json_temp(entry.name) and entry.is_file() and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(entry)
-    return removed
 
 
 def check_output(out: Path, key: str, backend: str, resume: bool, overwrite: bool) -> Manifest | None:
@@ -332,7 +178,7 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
     else:
         work.mkdir(parents=True)
         write_work_marker(work, manifest.key, manifest.backend, "dump")
-        log.info("dumping into %s (renamed to %s when complete)", work, work.name.removesuffix(".partial"))
+        log.info("dumping into %s (renamed to %s when complete)", work, work.name.removesuffix(PARTIAL_SUFFIX))
     (work / PROGRESS_DIR).mkdir(exist_ok=True)
     write_manifest(work, manifest)
     return manifest

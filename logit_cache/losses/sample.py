@@ -37,13 +37,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import TargetMismatchError, UsageError
+from ..targets import KINDS
 from ..targets.batch import LOG_MASS_FLOOR, Targets, topk_log_probs
+from ..targets.full import KIND as FULL_LOGITS
 
 TAILS = ("rest", "renormalize", "ignore")
 #: Composer's and most recipes' default distillation temperature.
 DEFAULT_TEMPERATURE = 4.0
 
 TargetLike = Targets | torch.Tensor
+#: What :func:`_check` returns for dense targets: no tail to choose.
+_DENSE = "dense"
+
+
+def logits_targets(logits: torch.Tensor) -> Targets:
+    """Teacher logits (rows, C) as full-logit :class:`Targets` (online KD: the teacher ran on this batch)."""
+    return Targets(FULL_LOGITS.name, int(logits.shape[-1]), logits=logits)
+
+
+def check_kind(target: Targets, loss: str) -> None:
+    """Refuse targets of a kind that ``loss`` (``"kd_loss"``, ``"token_kd_loss"``) cannot read (the kind's ``losses``)."""
+    readers = [name for name, kind in KINDS.items() if loss in kind.losses]
+    if target.mode not in readers:
+        raise TargetMismatchError(f"targets of mode {target.mode!r} are not supported by {loss}: expected one of {', '.join(readers)}")
 
 
 def _as_targets(target: TargetLike, device: torch.device) -> Targets:
@@ -51,10 +67,13 @@ def _as_targets(target: TargetLike, device: torch.device) -> Targets:
     if isinstance(target, torch.Tensor):
         if target.dim() != 2:
             raise TargetMismatchError(f"teacher logits must be [batch, classes], got shape {tuple(target.shape)}")
-        return Targets("full", int(target.shape[1]), logits=target.detach().to(device).float())
+        return logits_targets(target.detach().to(device).float())
     if isinstance(target, Targets):
+        check_kind(target, "kd_loss")
+        if target.counts is not None:  # sampled ids with counts: no per-sample loss reads them
+            raise TargetMismatchError(f"targets of mode {target.mode!r} are not supported by kd_loss (sampled ids: use token_kd_loss)")
         moved = target.to(device, non_blocking=True) if target.device != device or _narrow(target) else target
-        tensors = moved._tensors()
+        tensors = moved.tensors()
         if any(tensor.requires_grad for tensor in tensors.values()):  # teachers get no gradients
             moved = replace(moved, **{name: tensor.detach() for name, tensor in tensors.items()})
         return moved
@@ -62,12 +81,15 @@ def _as_targets(target: TargetLike, device: torch.device) -> Targets:
 
 
 def _narrow(target: Targets) -> bool:
-    values = target.logits if target.mode == "full" else target.values
+    values = target.logits if target.logits is not None else target.values
     return values.dtype != torch.float32 or (target.indices is not None and target.indices.dtype != torch.int64)
 
 
 def _check(student_logits: torch.Tensor, target: Targets, tail: str | None) -> str:
-    """The tail strategy to use; errors for a mismatched student or strategy."""
+    """The tail strategy to use; errors for a mismatched student or strategy.
+
+    Dispatch is on what the batch holds (``logits``: dense; else top-k values with their logsumexp),
+    once :func:`_as_targets` has refused kinds kd_loss does not read."""
     if student_logits.dim() != 2:
         raise TargetMismatchError(f"student logits must be [batch, classes], got shape {tuple(student_logits.shape)}")
     rows, classes = student_logits.shape
@@ -79,14 +101,12 @@ def _check(student_logits: torch.Tensor, target: Targets, tail: str | None) -> s
         raise TargetMismatchError(f"{rows} student rows but {len(target)} target rows: the batch is misaligned")
     if tail is not None and tail not in TAILS:
         raise UsageError(f"tail={tail!r}: expected one of {', '.join(TAILS)}")
-    if target.mode == "full":
+    if target.logits is not None:
         if tail not in (None, "rest"):
             raise TargetMismatchError(
                 f"tail={tail!r} applies to top-k targets, but these are full logits (every class is stored): drop tail="
             )
-        return "full"
-    if target.mode != "topk":
-        raise TargetMismatchError(f"targets of mode {target.mode!r} are not supported by kd_loss")
+        return _DENSE
     return tail or "rest"
 
 
@@ -186,7 +206,7 @@ def _topk_kl(student_logits: torch.Tensor, target: Targets, temperature: float, 
 
 def _dense(target: Targets, temperature: float, tail: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A teacher's probabilities over all classes (B, C) at T and its support (B, C) bool."""
-    if target.mode == "full":
+    if target.logits is not None:
         probs = F.softmax(target.logits / temperature, dim=-1)
         return probs, torch.ones_like(probs, dtype=torch.bool)
     rows, k, classes = len(target), target.k, target.num_classes
@@ -246,13 +266,13 @@ def kd_loss(
     rows = student_logits.shape[0]
     if len(targets) == 1:
         (single,) = targets
-        if single.mode == "full":
+        if single.logits is not None:
             total = _FullKL.apply(student_logits, single.logits, temperature)
         else:
             total = _topk_kl(student_logits, single, temperature, strategies.pop())
     else:
         chosen = tail or "rest"
-        total = _ensemble_kl(student_logits, targets, temperature, chosen if strategies != {"full"} else "rest")
+        total = _ensemble_kl(student_logits, targets, temperature, chosen if strategies != {_DENSE} else "rest")
     return total * (temperature**2) / rows
 
 

@@ -43,20 +43,22 @@ from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .._legacy import callable_module
 from ..data.tokens import next_token_mask, shifted_labels
 from ..errors import TargetMismatchError, UsageError
-from ..targets.batch import LOG_MASS_FLOOR, MODES, Targets, topk_log_probs
-from .sample import TAILS
+from ..targets.batch import LOG_MASS_FLOOR, Targets, topk_log_probs
+from .sample import DEFAULT_TEMPERATURE, TAILS, check_kind
 
-__all__ = ["masked_token_logits", "sampled_weights", "token_kd_loss", "token_loss_terms"]
+__all__ = ["TokenCrossEntropy", "TokenKLDivergence", "masked_token_logits", "sampled_weights", "token_kd_loss", "token_loss_terms",
+           "trained_positions"]
 
 #: Rows per chunk by default: the float32 working set is a few ``chunk_tokens x V`` tensors.
 DEFAULT_CHUNK_TOKENS = 4096
 
 
-def token_kd_loss(student_logits: torch.Tensor, target: Targets, temperature: float = 1.0, tail: str | None = None,
+def token_kd_loss(student_logits: torch.Tensor, target: Targets, temperature: float = DEFAULT_TEMPERATURE, tail: str | None = None,
                   chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> torch.Tensor:
     """``T^2`` times the mean over the N tokens of the per-token KD loss; a float32 scalar.
 
@@ -67,7 +69,8 @@ def token_kd_loss(student_logits: torch.Tensor, target: Targets, temperature: fl
     in :func:`losses.kd_loss` (which this equals on the same inputs, without its dense [N, V]
     float32 intermediates). Sampled targets give the cross-entropy against the drawn ids' weights;
     a training temperature other than the sampling temperature needs the stored sampled logits
-    (importance weights), else :class:`TargetMismatchError`.
+    (importance weights), else :class:`TargetMismatchError`. ``temperature`` and ``tail`` default as
+    :func:`losses.kd_loss`'s (4, and ``rest`` for top-k): language models usually distil at T=1, say so.
 
     ``chunk_tokens`` rows are processed at a time: besides the gradient (the student's shape and
     dtype), the peak memory is about three float32 ``chunk_tokens x V`` tensors for full targets and
@@ -82,13 +85,14 @@ def token_kd_loss(student_logits: torch.Tensor, target: Targets, temperature: fl
     device = student_logits.device
     rows = student_logits.shape[0]
     scale = temperature**2 / max(rows, 1)
-    if target.mode == "full":
+    # dispatch on what the batch holds: dense logits, sampled ids with counts, else top-k values + logsumexp
+    if target.logits is not None:
         # moved, not widened: a float16 [N, V] cache row set stays float16, widened a chunk at a time
         teacher = target.logits.detach().to(device, non_blocking=True)
-        total = _ChunkedTokenKD.apply(student_logits, "full", temperature, chunk_tokens, teacher)
+        total = _ChunkedTokenKD.apply(student_logits, "dense", temperature, chunk_tokens, teacher)
         return total * scale
     target = target.to(device, non_blocking=True)
-    if target.mode == "sampled":
+    if target.counts is not None:
         weights = sampled_weights(target, temperature)
         total = _ChunkedTokenKD.apply(student_logits, "sparse", temperature, chunk_tokens, target.indices, weights)
         return total * scale
@@ -167,8 +171,7 @@ def masked_token_logits(student_logits: torch.Tensor, lengths: torch.Tensor) -> 
 def _check(student_logits: torch.Tensor, target: Targets, temperature: float, tail: str | None, chunk_tokens: int) -> None:
     if not isinstance(target, Targets):
         raise TargetMismatchError(f"token_kd_loss expects a Targets batch, got {type(target).__name__}")
-    if target.mode not in MODES:
-        raise TargetMismatchError(f"targets of mode {target.mode!r} are not supported: expected one of {', '.join(MODES)}")
+    check_kind(target, "token_kd_loss")
     if student_logits.dim() != 2:
         raise TargetMismatchError(
             f"student logits must be [tokens, vocab], got shape {tuple(student_logits.shape)}: flatten the valid tokens "
@@ -192,12 +195,13 @@ def _check(student_logits: torch.Tensor, target: Targets, temperature: float, ta
     if tail is not None:
         if tail not in TAILS:
             raise UsageError(f"tail={tail!r}: expected one of {', '.join(TAILS)}")
-        if target.mode != "topk":
+        if target.logits is not None or target.counts is not None:  # only top-k rows have a tail to choose
             raise TargetMismatchError(
                 f"tail={tail!r} applies to top-k targets only, but these are {target.mode} targets: drop tail="
             )
-    if target.mode == "sampled" and target.counts is None:
-        raise TargetMismatchError("sampled targets without counts: the batch is not a sampled cache's")
+    if target.logits is None and (target.values is None or target.logsumexp is None) and target.counts is None:
+        raise TargetMismatchError(f"{target.mode} targets hold neither logits, top-k values with their logsumexp, nor sampled "
+                                  "counts: the batch is not a cache's")
 
 
 #: Input dtypes whose float32 widening is exact, so kernels may widen them on the fly.
@@ -236,7 +240,7 @@ class _ChunkedTokenKD(torch.autograd.Function):
 
     ``kind`` and the teacher tensors after ``chunk``:
 
-    * ``"full"``: teacher logits (N, V), any float dtype; saved with the teacher's logsumexp (N,).
+    * ``"dense"``: teacher logits (N, V), any float dtype; saved with the teacher's logsumexp (N,).
     * ``"rest"``: ids (N, K), teacher log-probabilities (N, K), tail log-mass (N,); saved with the
       row factor ``1 - p_r / q_r`` (N,).
     * ``"sparse"``: ids (N, M), weights (N, M); the loss is ``-sum_j w_j log q[id_j]``. A repeated
@@ -251,12 +255,12 @@ class _ChunkedTokenKD(torch.autograd.Function):
         rows = student_logits.shape[0]
         device = student_logits.device
         student_lse = torch.empty(rows, dtype=torch.float32, device=device)
-        row_stat = torch.empty(rows, dtype=torch.float32, device=device) if kind in ("full", "rest") else None
+        row_stat = torch.empty(rows, dtype=torch.float32, device=device) if kind in ("dense", "rest") else None
         total = torch.zeros((), dtype=torch.float64, device=device)  # chunk sums accumulate in float64
         for lo in range(0, rows, chunk):
             hi = min(lo + chunk, rows)
             log_q, student_lse[lo:hi] = _log_softmax(student_logits[lo:hi], temperature)  # (c, V) float32, (c,)
-            if kind == "full":
+            if kind == "dense":
                 log_p, row_stat[lo:hi] = _log_softmax(teacher[0][lo:hi], temperature)
                 p = log_p.exp()
                 part = log_p.sub_(log_q).mul_(p).sum()  # sum p (log p - log q)
@@ -287,7 +291,7 @@ class _ChunkedTokenKD(torch.autograd.Function):
         for lo in range(0, student_logits.shape[0], ctx.chunk):
             hi = min(lo + ctx.chunk, student_logits.shape[0])
             q = _softmax(student_logits[lo:hi], student_lse[lo:hi], temperature)  # (c, V) float32
-            if kind == "full":
+            if kind == "dense":
                 p = _softmax(teacher[0][lo:hi], row_stat[lo:hi], temperature)
                 q.sub_(p).mul_(scale)  # q - p
             elif kind == "rest":
@@ -305,27 +309,65 @@ class _ChunkedTokenKD(torch.autograd.Function):
 
 def _select(target: Targets, keep: torch.Tensor) -> Targets:
     """The rows of a flat per-token Targets where ``keep`` (over its rows) is true."""
-    picked = {name: tensor[keep] for name, tensor in target._tensors().items() if name != "lengths"}
+    picked = {name: tensor[keep] for name, tensor in target.tensors().items() if name != "lengths"}
     return replace(target, **picked, lengths=None)
 
 
-def token_loss_terms(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, target: Targets | None,
-                 temperature: float, tail: str | None) -> tuple[torch.Tensor, torch.Tensor | None, int]:
-    """The mean next-token cross-entropy, the token KD loss (or None), and the number of positions.
+def trained_positions(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, target: Targets | None = None,
+                      ) -> tuple[torch.Tensor, torch.Tensor, Targets | None]:
+    """The positions of a batch of sequences that predict a label: the student's rows (N, V), their
+    labels (N,) and the teacher's rows there (or None).
 
-    ``logits`` (B, T, V); ``target`` a flat Targets over the batch's real tokens (with ``lengths``)
-    or teacher logits already selected at the trained positions (online KD).
+    ``logits`` (B, T, V); position ``t`` predicts ``labels[t + 1]`` (:func:`~logit_cache.data.tokens.next_token_mask`).
+    ``target``: a flat Targets over the batch's real tokens (a cache's, with ``lengths``), or teacher rows
+    already selected at the trained positions (online KD, no ``lengths``), taken as they are.
     """
     mask = next_token_mask(labels, lengths)  # (B, T)
-    student = logits[mask]  # (N, V): the positions that predict a label, b-major like the cache's rows
-    ce = F.cross_entropy(student.float(), shifted_labels(labels)[mask]) if len(student) else logits.sum() * 0.0
-    if target is None:
-        return ce, None, len(student)
-    if target.lengths is not None:  # a cache's rows: every real token; keep those at the trained positions
+    student = logits[mask]  # (N, V): b-major like the cache's rows
+    if target is not None and target.lengths is not None:  # a cache's rows: every real token; keep those at the trained positions
         if not torch.equal(target.lengths.to(lengths.device), lengths):
             raise TargetMismatchError("the cache's rows per sequence differ from the batch's lengths: misaligned data")
         real = torch.arange(labels.shape[1], device=labels.device)[None, :] < lengths[:, None]
         target = _select(target, mask[real].to(target.device))
+    return student, shifted_labels(labels)[mask], target
+
+
+class TokenCrossEntropy(nn.Module):
+    """The mean cross-entropy of trained positions (:func:`trained_positions`), in float32; a zero still
+    connected to the logits when there is none (a batch of one-token sequences)."""
+
+    def forward(self, student: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(student.float(), labels) if len(student) else student.sum() * 0.0
+
+
+class TokenKLDivergence(nn.Module):
+    """:func:`token_kd_loss` as a module (what :class:`~logit_cache.losses.DistillationLoss` takes as ``kd``)."""
+
+    def __init__(self, temperature: float = DEFAULT_TEMPERATURE, tail: str | None = None,
+                 chunk_tokens: int = DEFAULT_CHUNK_TOKENS) -> None:
+        super().__init__()
+        self.temperature, self.tail, self.chunk_tokens = float(temperature), tail, chunk_tokens
+
+    def forward(self, student: torch.Tensor, target: Targets) -> torch.Tensor:
+        return token_kd_loss(student, target, temperature=self.temperature, tail=self.tail, chunk_tokens=self.chunk_tokens)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}, tail={self.tail or 'rest'}, chunk_tokens={self.chunk_tokens}"
+
+
+def token_loss_terms(logits: torch.Tensor, labels: torch.Tensor, lengths: torch.Tensor, target: Targets | None,
+                     temperature: float = DEFAULT_TEMPERATURE, tail: str | None = None,
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, int]:
+    """The mean next-token cross-entropy, the token KD loss (or None), and the number of positions.
+
+    ``logits`` (B, T, V); ``target`` a flat Targets over the batch's real tokens (with ``lengths``)
+    or teacher logits already selected at the trained positions (online KD). ``temperature`` and
+    ``tail`` default as :func:`token_kd_loss`'s.
+    """
+    student, shifted, target = trained_positions(logits, labels, lengths, target)
+    ce = TokenCrossEntropy()(student, shifted)
+    if target is None:
+        return ce, None, len(student)
     return ce, token_kd_loss(student, target, temperature=temperature, tail=tail), len(student)
 
 

@@ -1,4 +1,11 @@
-"""Storage backends behind one small interface (see :mod:`logit_cache.store.base`)."""
+"""Storage backends behind one small interface (see :mod:`logit_cache.store.base`).
+
+:data:`BACKENDS` is the registry, and the one source of backend names: the CLI's choices, the
+dump's check of ``--backend``, convert and the tests iterate over it. A backend is a
+:class:`~logit_cache.store.base.Backend` (a name, a shard suffix, a writer and a reader class)
+passed to :func:`register_backend`; Zarr and HDF5 are registered on import, in that order (the
+first is the default and the order messages list them in).
+"""
 
 from __future__ import annotations
 
@@ -7,15 +14,42 @@ from .base import ArraySpec, Backend, ShardReader, ShardWriter, combine_checksum
 from .hdf5_store import HDF5Backend
 from .zarr_store import ZarrBackend
 
-BACKENDS: dict[str, Backend] = {"zarr": ZarrBackend(), "hdf5": HDF5Backend()}
+#: Every registered backend, by name, in registration order.
+BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(backend: Backend) -> Backend:
+    """Add (or replace) ``backend`` under its name; returns it."""
+    if not getattr(backend, "name", ""):
+        raise UsageError("a storage backend needs a name")
+    BACKENDS[backend.name] = backend
+    return backend
+
+
+def backend_names() -> tuple[str, ...]:
+    """The registered backends' names, in registration order."""
+    return tuple(BACKENDS)
 
 
 def get_backend(name: str) -> Backend:
     """The backend registered under ``name`` ("zarr" or "hdf5")."""
     try:
         return BACKENDS[name]
-    except KeyError:
+    except (KeyError, TypeError):
         raise UsageError(f"unknown storage format {name!r}; choose one of {', '.join(BACKENDS)}") from None
 
 
-__all__ = ["BACKENDS", "ArraySpec", "Backend", "ShardReader", "ShardWriter", "combine_checksum", "get_backend"]
+for _backend in (ZarrBackend(), HDF5Backend()):
+    register_backend(_backend)
+
+__all__ = [
+    "BACKENDS",
+    "ArraySpec",
+    "Backend",
+    "ShardReader",
+    "ShardWriter",
+    "backend_names",
+    "combine_checksum",
+    "get_backend",
+    "register_backend",
+]

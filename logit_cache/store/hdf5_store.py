@@ -23,7 +23,8 @@ import h5py
 import numpy as np
 
 from ..errors import CorruptShardError
-from .base import ArraySpec, Backend, ShardReader, ShardWriter, URLPath, is_url, url_filesystem
+from .base import ArraySpec, Backend, ShardReader, ShardWriter
+from .locations import URLPath, is_url, url_filesystem
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,8 @@ from zarr.codecs import BloscCodec, Crc32cCodec
 from zarr.core.sync import collect_aiterator
 
 from ..errors import CorruptShardError
-from .base import ArraySpec, Backend, ShardReader, ShardWriter, URLPath, is_url, url_filesystem
+from .base import ArraySpec, Backend, ShardReader, ShardWriter
+from .locations import URLPath, is_url, url_filesystem
 
 
 def _compressors(spec: ArraySpec) -> tuple[Any, ...]:

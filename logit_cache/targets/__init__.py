@@ -1,38 +1,63 @@
 """Target kinds (full logits, top-k, sampled): how each is encoded on the device, which arrays it
-stores, how it is decoded into a :class:`Targets` batch for the losses."""
+stores, how it is decoded into a :class:`Targets` batch for the losses.
+
+``registry.py`` says what a kind is and holds them (:data:`KINDS`); each kind is one module
+(``full.py``, ``topk.py``, ``sampled.py``), registered here on import in that order (the order
+messages list them in). Another kind is a module whose object is passed to :func:`register`.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from . import full, sampled, topk
 from .batch import (
     LOG_MASS_FLOOR,
-    MODES,
     OPTIONAL_TARGET_ARRAYS,
     TARGET_ARRAYS,
-    UINT16_CLASSES,
-    EncodedBatch,
     Targets,
-    count_dtype,
     encode,
-    index_dtype,
     sample_unique,
     topk_log_probs,
     topk_mass,
-    torch_dtype,
 )
+from .dtypes import UINT16_CLASSES, VALUE_DTYPES, count_dtype, index_dtype, torch_dtype
+from .encoded import EncodedBatch
+from .registry import KINDS, TargetKind, get_kind, kind_names, register, unregister
+from .tokens import encode_tokens
+
+for _kind in (full.KIND, topk.KIND, sampled.KIND):
+    register(_kind)
+
+
+def __getattr__(name: str) -> Any:
+    """``MODES``: the registered kinds' names when read."""
+    from . import batch
+
+    return getattr(batch, name)
+
 
 __all__ = [
+    "KINDS",
     "LOG_MASS_FLOOR",
     "MODES",
     "OPTIONAL_TARGET_ARRAYS",
     "TARGET_ARRAYS",
     "UINT16_CLASSES",
+    "VALUE_DTYPES",
     "EncodedBatch",
+    "TargetKind",
     "Targets",
     "count_dtype",
     "encode",
+    "encode_tokens",
+    "get_kind",
     "index_dtype",
+    "kind_names",
+    "register",
     "sample_unique",
     "topk_log_probs",
     "topk_mass",
     "torch_dtype",
+    "unregister",
 ]

@@ -1,22 +1,10 @@
-"""Target representations: encode teacher logits on the device, decode them for losses.
+"""Target batches: :class:`Targets` (what losses read), the thin :func:`encode` that asks a kind to
+encode teacher logits on the device, and the tensor maths the kinds share.
 
 Pure tensor code. Encoding runs where the logits are (the GPU when there is one), so that only
-the K values and ids of each row cross to the host in top-k mode.
-
-Modes and the arrays they produce (names are the cache format's, DESIGN.md section 3):
-
-* ``full``: ``logits`` [B, C], the raw logits in the storage dtype.
-* ``topk``: ``topk_logits`` [B, K] (descending), ``topk_indices`` [B, K] (uint16 when C <= 65536,
-  else int32; sent as int32 and narrowed on the host) and ``logsumexp`` [B] float32 over all C
-  raw logits, which gives the exact probability mass of the top-k at T=1:
-  ``sum(exp(topk_logits - logsumexp))``.
-* ``sampled`` (random-sampling KD, Anshumann et al., ACL 2025): M ids drawn per row, with
-  replacement, from ``softmax(logits / Ts)``; stored as the row's unique ids ascending,
-  ``sampled_indices`` [B, M], with their counts ``sampled_counts`` [B, M] (uint8 when M <= 255,
-  else uint16), left-aligned, the rest padded with id 0 and count 0 (so counts sum to M). At
-  ``Ts = 1``, ``counts / M`` is an unbiased estimate of the teacher's probabilities. At ``Ts != 1``
-  the raw logits of the drawn ids are stored too (``sampled_logits`` [B, M]) so that a loss can
-  apply the importance weights ``p_T(x) / q_Ts(x)``; ``logsumexp`` [B] is stored in both cases.
+the K values and ids of each row cross to the host in top-k mode. Each kind's arrays (names are the
+cache format's, DESIGN.md section 3) are described in its module: ``full.py``, ``topk.py``,
+``sampled.py``; ``registry.py`` says what a kind is.
 
 Raw logits are stored, not probabilities: the temperature is applied when reading.
 :class:`Targets` is a batch of them as the loader delivers it, and :func:`topk_log_probs` turns
@@ -33,94 +21,30 @@ a mean of smaller values.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 import torch
 
-MODES = ("full", "topk", "sampled")
-#: Largest class count whose ids fit uint16 (ids 0..65535).
-UINT16_CLASSES = 1 << 16
-
-
-def index_dtype(num_classes: int) -> np.dtype:
-    """Storage dtype of class/token ids: uint16 when they fit, else int32 (never int16: it wraps)."""
-    return np.dtype(np.uint16) if num_classes <= UINT16_CLASSES else np.dtype(np.int32)
-
-
-def count_dtype(m: int) -> np.dtype:
-    """Storage dtype of sampled counts: a count is at most M."""
-    return np.dtype(np.uint8) if m <= 255 else np.dtype(np.uint16)
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    return {"float16": torch.float16, "float32": torch.float32}[name]
-
-
-@dataclass
-class EncodedBatch:
-    """A batch encoded on the device.
-
-    ``arrays`` are tensors ready to copy to the host (still on the device). ``nonfinite`` [B] marks
-    rows whose raw logits hold NaN or inf; ``overflow`` [B] marks rows that were finite but do not
-    fit the storage dtype (e.g. |logit| > 65504 in float16). ``topk_mass`` is the sum over rows of
-    the top-k probability mass at T=1 (a 0-d tensor; the row count for full mode).
-    """
-
-    arrays: dict[str, torch.Tensor]
-    nonfinite: torch.Tensor
-    overflow: torch.Tensor
-    topk_mass: torch.Tensor
+from .dtypes import UINT16_CLASSES, count_dtype, index_dtype, torch_dtype  # noqa: F401  (moved to targets.dtypes)
+from .encoded import EncodedBatch  # moved to targets.encoded
+from .registry import KINDS, TargetKind, get_kind, kind_names
 
 
 def encode(logits: torch.Tensor, mode: str, k: int | None, dtype: str, *, m: int | None = None,
            sample_temperature: float = 1.0, generator: torch.Generator | None = None) -> EncodedBatch:
-    """Encode logits [B, C] for storage. Nothing here synchronises with the device.
+    """Encode logits [B, C] for storage as the kind ``mode`` does (its width is ``k`` or ``m``, by the
+    kind's width field). Nothing here synchronises with the device.
 
-    ``m``, ``sample_temperature`` and ``generator`` are for ``sampled`` mode (see the module docstring).
+    ``sample_temperature`` and ``generator`` are for kinds that draw (``sampled``, see its module).
     """
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [batch, classes], got {tuple(logits.shape)}")
-    raw = logits.float()  # (B, C): logsumexp and top-k selection in float32 whatever the autocast dtype
-    store_dtype = torch_dtype(dtype)
-    # A row is finite iff its max and min are (amax/amin propagate NaN), and the stored values fit
-    # the storage dtype iff their extremes do after the cast: [B] reductions, not isfinite over [B, C].
-    extremes = torch.stack([raw.amax(dim=1), raw.amin(dim=1)], dim=1)  # (B, 2)
-    nonfinite = ~torch.isfinite(extremes).all(dim=1)
-
-    def overflows(stored_extremes: torch.Tensor) -> torch.Tensor:
-        return ~torch.isfinite(stored_extremes.to(store_dtype)).all(dim=1) & ~nonfinite
-
-    if mode == "full":
-        overflow = overflows(extremes)
-        mass = raw.new_full((), float(len(raw)))  # a fill on the device, not a host copy
-        return EncodedBatch({"logits": raw.to(store_dtype)}, nonfinite, overflow, mass)
-    if mode == "topk":
-        if k is None or not 1 <= k <= raw.shape[1]:
-            raise ValueError(f"k must be in [1, {raw.shape[1]}], got {k}")
-        top_values, top_ids = torch.topk(raw, k, dim=1, largest=True, sorted=True)  # (B, K) each
-        lse = torch.logsumexp(raw, dim=1)  # (B,)
-        values = top_values.to(store_dtype)
-        overflow = overflows(top_values[:, [0, -1]])  # only the stored values must fit
-        mass = torch.exp(top_values - lse[:, None]).sum(dim=1).sum()
-        arrays = {"topk_logits": values, "topk_indices": top_ids.to(torch.int32), "logsumexp": lse}
-        return EncodedBatch(arrays, nonfinite, overflow, mass)
-    if mode == "sampled":
-        if m is None or m < 1:
-            raise ValueError(f"m must be >= 1, got {m}")
-        lse = torch.logsumexp(raw, dim=1)  # (B,)
-        ids, counts = sample_unique(raw, m, sample_temperature, generator, finite=~nonfinite)
-        arrays = {"sampled_indices": ids.to(torch.int32), "sampled_counts": counts, "logsumexp": lse}
-        overflow = torch.zeros_like(nonfinite)
-        if sample_temperature != 1.0:
-            drawn = raw.gather(1, ids.long()).masked_fill(counts == 0, 0.0)  # (B, M), pads 0
-            arrays["sampled_logits"] = drawn.to(store_dtype)
-            overflow = overflows(extremes)  # a drawn logit lies within the row's extremes
-        # the sampled estimate's mass of distinct ids at T=1 (what `dump` reports as coverage)
-        probs = torch.exp(raw.gather(1, ids.long()) - lse[:, None]).masked_fill(counts == 0, 0.0)
-        return EncodedBatch(arrays, nonfinite, overflow, probs.sum())
-    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    kind = get_kind(mode)
+    width = {"k": k, "m": m}.get(kind.width_field or "")
+    return kind.encode(logits, width, dtype, sample_temperature=sample_temperature, generator=generator)
 
 
 def sample_unique(raw: torch.Tensor, m: int, sample_temperature: float, generator: torch.Generator | None,
@@ -184,18 +108,24 @@ class Targets:
     def __len__(self) -> int:
         return len(self._rows_tensor())
 
+    @property
+    def kind(self) -> TargetKind:
+        """The target kind of :attr:`mode` (see ``targets/registry.py``)."""
+        return get_kind(self.mode)
+
     def _rows_tensor(self) -> torch.Tensor:
-        return {"full": self.logits, "topk": self.values}.get(self.mode, self.indices)
+        return getattr(self, self.kind.rows_field)
 
     @property
     def k(self) -> int | None:
-        return None if self.mode != "topk" or self.values is None else int(self.values.shape[-1])
+        """The top-k width (None for kinds whose width is not a k)."""
+        return None if self.kind.width_field != "k" or self.values is None else int(self.values.shape[-1])
 
     @property
     def device(self) -> torch.device:
         return self._rows_tensor().device
 
-    def _tensors(self) -> dict[str, torch.Tensor]:
+    def tensors(self) -> dict[str, torch.Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Targets:
@@ -203,7 +133,7 @@ class Targets:
         the copy: fewer bytes move)."""
         device = torch.device(device)
         moved = {}
-        for name, tensor in self._tensors().items():
+        for name, tensor in self.tensors().items():
             wide = torch.int64 if name in ("indices", "lengths") else torch.float32
             # copy first, widen there (fewer bytes cross to a GPU); on the same device it is one conversion
             moved[name] = tensor.to(device, non_blocking=non_blocking).to(wide) if tensor.device != device else tensor.to(wide)
@@ -211,47 +141,55 @@ class Targets:
 
     def pin_memory(self) -> Targets:
         """Called by ``DataLoader(pin_memory=True)`` so host-to-GPU copies can be asynchronous."""
-        return replace(self, **{name: tensor.pin_memory() for name, tensor in self._tensors().items()})
+        return replace(self, **{name: tensor.pin_memory() for name, tensor in self.tensors().items()})
 
     @classmethod
     def from_arrays(cls, mode: str, num_classes: int, arrays: Mapping[str, np.ndarray],
                     sample_temperature: float = 1.0, lengths: np.ndarray | None = None) -> Targets:
-        """From the cache's logical arrays (numpy, storage dtypes), without copying."""
-        extra = {"lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64))} if lengths is not None else {}
-        if mode == "full":
-            return cls(mode, num_classes, logits=torch.from_numpy(arrays["logits"]), **extra)
-        if mode == "topk":
-            return cls(
-                mode,
-                num_classes,
-                values=torch.from_numpy(arrays["topk_logits"]),
-                indices=torch.from_numpy(arrays["topk_indices"]),
-                logsumexp=torch.from_numpy(arrays["logsumexp"]),
-                **extra,
-            )
-        if mode == "sampled":
-            drawn = arrays.get("sampled_logits")
-            return cls(
-                mode,
-                num_classes,
-                values=None if drawn is None else torch.from_numpy(drawn),
-                indices=torch.from_numpy(arrays["sampled_indices"]),
-                counts=torch.from_numpy(arrays["sampled_counts"]),
-                logsumexp=torch.from_numpy(arrays["logsumexp"]),
-                sample_temperature=float(sample_temperature),
-                **extra,
-            )
-        raise ValueError(f"no batch form for mode {mode!r}")
+        """From the cache's logical arrays (numpy, storage dtypes), without copying (the kind builds it)."""
+        return get_kind(mode).batch(num_classes, arrays, sample_temperature=sample_temperature, lengths=lengths)
+
+
+def lengths_field(lengths: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """``{"lengths": ...}`` for a per-token batch's :class:`Targets` (int64), else nothing."""
+    return {"lengths": torch.from_numpy(np.asarray(lengths, dtype=np.int64))} if lengths is not None else {}
+
+
+class _ArraysByKind(Mapping[str, tuple[str, ...]]):
+    """mode -> one of its kind's array tuples, read from the registry at each lookup (so a kind
+    registered after ``from ...batch import TARGET_ARRAYS`` is included); kinds whose tuple is empty
+    are left out when ``skip_empty``."""
+
+    def __init__(self, attribute: str, skip_empty: bool = False) -> None:
+        self.attribute, self.skip_empty = attribute, skip_empty
+
+    def __getitem__(self, mode: str) -> tuple[str, ...]:
+        value = getattr(KINDS[mode], self.attribute)
+        if self.skip_empty and not value:
+            raise KeyError(mode)
+        return value
+
+    def __iter__(self) -> Iterator[str]:
+        return (mode for mode, kind in KINDS.items() if getattr(kind, self.attribute) or not self.skip_empty)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+    def __repr__(self) -> str:
+        return repr(dict(self))
 
 
 #: The logical arrays a loader reads for each mode (the cache's other arrays are not targets).
-TARGET_ARRAYS = {
-    "full": ("logits",),
-    "topk": ("topk_logits", "topk_indices", "logsumexp"),
-    "sampled": ("sampled_indices", "sampled_counts", "logsumexp"),
-}
+TARGET_ARRAYS: Mapping[str, tuple[str, ...]] = _ArraysByKind("target_arrays")
 #: Target arrays a mode holds only sometimes (``sampled_logits``: when Ts != 1).
-OPTIONAL_TARGET_ARRAYS = {"sampled": ("sampled_logits",)}
+OPTIONAL_TARGET_ARRAYS: Mapping[str, tuple[str, ...]] = _ArraysByKind("optional_arrays", skip_empty=True)
+
+
+def __getattr__(name: str) -> Any:
+    """``MODES``: the registered kinds' names when read (old code; ask :func:`kind_names`)."""
+    if name == "MODES":
+        return kind_names()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _logsumexp_sorted(x: torch.Tensor) -> torch.Tensor:

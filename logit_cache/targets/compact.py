@@ -101,18 +101,17 @@ Why this layout (measured by ``scripts/bench_lm_storage.py`` on synthetic LM-lik
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 from ..errors import CacheFormatError, UsageError
 from ..store.base import ArraySpec
-from .batch import LOG_MASS_FLOOR, count_dtype, index_dtype
+from .batch import LOG_MASS_FLOOR
+from .dtypes import VALUE_DTYPES, count_dtype, index_dtype
+from .registry import TargetKind, get_kind, kind_names
 
 ENCODINGS = ("plain", "compact")
-#: Modes whose targets have a compact layout (full logits are always stored plain).
-COMPACT_MODES = ("topk", "sampled")
-MODES = ("full", "topk", "sampled")
-VALUE_DTYPES = ("float16", "float32")
 
 #: Quantization levels of sqrt(p): code c stands for sqrt(p) = c / CODE_LEVELS.
 CODE_LEVELS = 255
@@ -126,18 +125,33 @@ _TOPK_PLAIN = ("topk_logits", "topk_indices", "logsumexp")
 _SAMPLED_PLAIN = ("sampled_indices", "sampled_counts", "logsumexp")
 
 
+def __getattr__(name: str) -> Any:
+    """``MODES`` (every kind) and ``COMPACT_MODES`` (kinds with a compact layout; full logits are
+    always stored plain), derived from the registry when read."""
+    if name == "MODES":
+        return kind_names()
+    if name == "COMPACT_MODES":
+        return tuple(kind for kind in kind_names() if get_kind(kind).compact)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # --------------------------------------------------------------------------------------------------
 # Specs
 # --------------------------------------------------------------------------------------------------
 
 
-def _check(mode: str, encoding: str, error: type[Exception] = UsageError) -> None:
+def _check(mode: str, encoding: str, error: type[Exception] = UsageError) -> TargetKind:
+    """The kind of ``mode``, once ``encoding`` is known and applies to it."""
     if encoding not in ENCODINGS:
         raise error(f"unknown encoding {encoding!r}; expected one of {', '.join(ENCODINGS)}")
-    if mode not in MODES:
-        raise error(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
-    if encoding != "plain" and mode not in COMPACT_MODES:
-        raise error(f"encoding {encoding!r} applies to modes {', '.join(COMPACT_MODES)}, not {mode!r}; full logits are stored plain")
+    try:
+        kind = get_kind(mode)
+    except UsageError as exc:
+        raise error(str(exc)) from None
+    if encoding != "plain" and not kind.compact:
+        compact = ", ".join(name for name in kind_names() if get_kind(name).compact)
+        raise error(f"encoding {encoding!r} applies to modes {compact}, not {mode!r}; full logits are stored plain")
+    return kind
 
 
 def sampled_head(width: int) -> int:
@@ -153,41 +167,37 @@ def stored_specs(mode: str, width: int, num_classes: int, dtype: str, encoding: 
     logits, which barely compress). These are what :func:`encode_arrays` returns, so a
     ``ShardWriter`` created with them accepts its output.
     """
-    _check(mode, encoding)
+    kind = _check(mode, encoding)
     if dtype not in VALUE_DTYPES:
         raise UsageError(f"unknown value dtype {dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
-    if mode == "full":
-        return [ArraySpec("logits", dtype, (num_classes,))]
-    if width < 1:
+    if kind.width_field is not None and width < 1:
         raise UsageError(f"the row width (k or m) must be >= 1, got {width}")
-    ids = index_dtype(num_classes).name
-    if mode == "topk":
-        if encoding == "plain":
-            return [
-                ArraySpec("topk_logits", dtype, (width,), compress=True),
-                ArraySpec("topk_indices", ids, (width,), compress=True),
-                ArraySpec("logsumexp", "float32", (), compress=True),
-            ]
-        return [
-            ArraySpec("topk_id_gaps", ids, (width,), compress=True),
-            ArraySpec("topk_codes", "uint8", (width,), compress=True),
-            ArraySpec("topk_log_tail", "float16", (), compress=True),
-            ArraySpec("logsumexp", "float32", (), compress=True),
-        ]
-    counts = count_dtype(width).name
     if encoding == "plain":
-        specs = [
-            ArraySpec("sampled_indices", ids, (width,), compress=True),
-            ArraySpec("sampled_counts", counts, (width,), compress=True),
-        ]
-    else:
-        head, rest = sampled_head(width), width - sampled_head(width)
-        specs = [ArraySpec("sampled_id_gaps_head", ids, (head,), compress=True)]
-        if rest:
-            specs.append(ArraySpec("sampled_id_gaps_rest", ids, (rest,), compress=True))
-        specs.append(ArraySpec("sampled_counts_head", counts, (head,), compress=True))
-        if rest:
-            specs.append(ArraySpec("sampled_counts_rest", counts, (rest,), compress=True))
+        return kind.array_specs(width, num_classes, dtype, sampled_logits=sampled_logits)
+    return kind.compact_specs(width, num_classes, dtype, sampled_logits=sampled_logits)
+
+
+def topk_specs(width: int, num_classes: int) -> list[ArraySpec]:
+    """The compact top-k arrays (module docstring)."""
+    ids = index_dtype(num_classes).name
+    return [
+        ArraySpec("topk_id_gaps", ids, (width,), compress=True),
+        ArraySpec("topk_codes", "uint8", (width,), compress=True),
+        ArraySpec("topk_log_tail", "float16", (), compress=True),
+        ArraySpec("logsumexp", "float32", (), compress=True),
+    ]
+
+
+def sampled_specs(width: int, num_classes: int, dtype: str, sampled_logits: bool = False) -> list[ArraySpec]:
+    """The compact sampled arrays (module docstring)."""
+    ids, counts = index_dtype(num_classes).name, count_dtype(width).name
+    head, rest = sampled_head(width), width - sampled_head(width)
+    specs = [ArraySpec("sampled_id_gaps_head", ids, (head,), compress=True)]
+    if rest:
+        specs.append(ArraySpec("sampled_id_gaps_rest", ids, (rest,), compress=True))
+    specs.append(ArraySpec("sampled_counts_head", counts, (head,), compress=True))
+    if rest:
+        specs.append(ArraySpec("sampled_counts_rest", counts, (rest,), compress=True))
     specs.append(ArraySpec("logsumexp", "float32", (), compress=True))
     if sampled_logits:
         specs.append(ArraySpec("sampled_logits", dtype, (width,), compress=True))
@@ -241,12 +251,20 @@ def encode_arrays(mode: str, arrays: Mapping[str, np.ndarray], encoding: str, nu
     expects ``sampled_indices``, ``sampled_counts``, ``logsumexp`` and optionally
     ``sampled_logits``, laid out as :func:`logit_cache.targets.encode` makes them.
     """
-    _check(mode, encoding)
+    kind = _check(mode, encoding)
     if encoding == "plain":
         return dict(arrays)
-    if mode == "topk":
-        _require(arrays, _TOPK_PLAIN, (), "compact top-k encoding", UsageError)
-        return _encode_topk(arrays["topk_logits"], arrays["topk_indices"], arrays["logsumexp"], num_classes)
+    return kind.compact_encode(arrays, num_classes)
+
+
+def encode_topk(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """Compact top-k rows (module docstring) from the logical arrays."""
+    _require(arrays, _TOPK_PLAIN, (), "compact top-k encoding", UsageError)
+    return _encode_topk(arrays["topk_logits"], arrays["topk_indices"], arrays["logsumexp"], num_classes)
+
+
+def encode_sampled(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """Compact sampled rows (module docstring) from the logical arrays."""
     _require(arrays, _SAMPLED_PLAIN, ("sampled_logits",), "compact sampled encoding", UsageError)
     ids, counts = np.asarray(arrays["sampled_indices"]), np.asarray(arrays["sampled_counts"])
     if ids.shape != counts.shape or ids.ndim != 2:
@@ -304,14 +322,22 @@ def decode_arrays(mode: str, stored: Mapping[str, np.ndarray], encoding: str, nu
     left-aligned, pads id 0 with count 0. Rows decode independently, so the rows a reader gathers
     from anywhere in a cache decode to the same as the whole cache's rows at those positions.
     """
-    _check(mode, encoding, CacheFormatError)
+    kind = _check(mode, encoding, CacheFormatError)
     if encoding == "plain":
         return dict(stored)
     if dtype not in VALUE_DTYPES:
         raise CacheFormatError(f"unknown value dtype {dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
-    if mode == "topk":
-        _require(stored, _TOPK_COMPACT, (), "a compact top-k cache", CacheFormatError)
-        return _decode_topk(stored, num_classes, dtype)
+    return kind.compact_decode(stored, num_classes, dtype)
+
+
+def decode_topk(stored: Mapping[str, np.ndarray], num_classes: int, dtype: str) -> dict[str, np.ndarray]:
+    """The logical top-k arrays from compact rows."""
+    _require(stored, _TOPK_COMPACT, (), "a compact top-k cache", CacheFormatError)
+    return _decode_topk(stored, num_classes, dtype)
+
+
+def decode_sampled(stored: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
+    """The logical sampled arrays from compact rows (lossless)."""
     required = ("sampled_id_gaps_head", "sampled_counts_head", "logsumexp")
     _require(stored, required, ("sampled_id_gaps_rest", "sampled_counts_rest", "sampled_logits"), "a compact sampled cache",
              CacheFormatError)

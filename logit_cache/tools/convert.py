@@ -8,7 +8,7 @@ the dtype of the logit values (``logits`` / ``topk_logits``) changed. Ids, ``log
 ``DST`` only after every shard is closed and the complete manifest is written, so ``DST`` existing
 means a whole cache; a conversion that fails removes its ``DST.partial`` (there is nothing to
 resume: a conversion is cheap to rerun), one that is killed leaves it for ``--overwrite``. Like a
-dump, it holds the writer's lock of ``DST`` (``catalog.writer_lock``) throughout, so ``gc`` and ``rm``
+dump, it holds the writer's lock of ``DST`` (:func:`logit_cache.io.locks.writer_lock`) throughout, so ``gc`` and ``rm``
 leave its ``DST.partial`` alone, and if that directory vanishes anyway (deleted by hand) it fails
 with a message instead of putting a broken cache in place.
 
@@ -21,8 +21,8 @@ the new shard's checksum must equal the old one; otherwise the source blocks are
 are read). A damaged source is refused, never copied into a cache that looks healthy.
 
 Identity (the key). The key covers the content, not the container: converting the backend only
-keeps the key. Changing the dtype recomputes it with :func:`content_key` from the manifest's
-teacher hash, dataset fingerprint, mode, k, views and seed:
+keeps the key. Changing the dtype recomputes it with :func:`~logit_cache.format.identity.manifest_key`
+from the manifest's content fields (teacher hash, dataset fingerprint, mode, k, views, seed...):
 
 * narrowing float32 -> float16 rounds to nearest even, exactly what a float16 dump stores (both
   round the float32 logits), so the result gets the key a float16 dump of the same teacher and
@@ -57,25 +57,22 @@ from ..errors import (
     OutputExistsError,
     UsageError,
 )
-from ..format.identity import content_key
-from ..format.manifest import BACKENDS, FORMAT_VERSION, MANIFEST_NAME, VALUE_DTYPES, Manifest, ShardEntry, read_manifest, write_manifest
+from ..format.identity import manifest_key
+from ..format.layout import array_specs
+from ..format.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntry, read_manifest, write_manifest
+from ..format.paths import partial_path
+from ..io.locks import writer_lock
+from ..io.lookup import directory_bytes
 from ..io.reader import CacheReader, open_reader
-from ..io.writer import (
-    check_work_intact,
-    discard_dir,
-    move_into_place,
-    partial_path,
-    refuse_unless_ours,
-    write_work_marker,
-)
-from ..pipeline.dump import array_specs
-from ..store import ArraySpec, Backend, ShardReader, combine_checksum, get_backend
-from .catalog import directory_bytes, writer_lock
+from ..io.writer import check_work_intact, discard_dir, move_into_place, refuse_unless_ours, write_work_marker
+from ..store import BACKENDS, ArraySpec, Backend, ShardReader, combine_checksum, get_backend
+from ..targets import KINDS, VALUE_DTYPES, get_kind
 
 log = logging.getLogger(__name__)
 
-#: Arrays holding logit values: the only ones whose dtype ``--dtype`` changes.
-VALUE_ARRAYS = ("logits", "topk_logits", "sampled_logits")
+#: Arrays holding logit values, of the kinds registered at import (each kind's ``value_arrays``): the
+#: only ones whose dtype ``--dtype`` changes. Convert asks the source's kind; this is for old callers.
+VALUE_ARRAYS = tuple(dict.fromkeys(name for kind in KINDS.values() for name in kind.value_arrays))
 #: About this many bytes of one array are read (and written) per block.
 BLOCK_BYTES = 32 << 20
 #: How many offending rows an overflow error lists.
@@ -101,20 +98,8 @@ def _key_dtype(dtype: str, precision: str) -> str:
 
 
 def _key(manifest: Manifest, dtype_field: str) -> str:
-    return content_key(
-        teacher_sha256=manifest.teacher.get("sha256"),
-        dataset_fingerprint=manifest.dataset.get("fingerprint"),
-        mode=manifest.mode,
-        k=manifest.k,
-        views=manifest.views,
-        seed=manifest.seed,
-        dtype=dtype_field,
-        format_version=FORMAT_VERSION,
-        precision=str(manifest.dump.get("precision", "fp32")),  # as the dump keyed it
-        m=manifest.m,
-        sample_temperature=manifest.sample_temperature,
-        encoding=manifest.encoding,
-    )
+    """The key of ``manifest``'s content with ``dtype_field`` as its dtype field (the one key rule)."""
+    return manifest_key(manifest, dtype=dtype_field)
 
 
 def _itemsize(dtype: str) -> int:
@@ -130,6 +115,11 @@ def source_precision(manifest: Manifest) -> str | None:
         if _itemsize(precision) < _itemsize(manifest.dtype) and _key(manifest, _key_dtype(manifest.dtype, precision)) == manifest.key:
             return precision
     return None
+
+
+def _others(choices: Any, chosen: str) -> str:
+    """The choices other than ``chosen``, for a message: ``hdf5``, or ``a or b`` with more registered."""
+    return " or ".join(name for name in choices if name != chosen)
 
 
 def _check_paths(src: Path, dst: Path) -> None:
@@ -170,11 +160,11 @@ def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> lis
     compressed (in Zarr) exactly as a dump of these settings compresses them."""
     if not source.arrays:
         raise CacheFormatError(f"the manifest of {first_shard.path.parent} lists no arrays; it cannot be converted")
-    if source.mode in ("full", "topk"):
-        dumped = array_specs(source.mode, source.k, source.num_classes, dtype, "labels" in source.arrays, source.num_samples)
-        compressed = {spec.name for spec in dumped if spec.compress}
-    else:  # modes a dump does not write yet: compress all but full logits, as a dump does
-        compressed = {name for name in source.arrays if name != "logits"}
+    kind = get_kind(source.mode)
+    dumped = array_specs(source.mode, kind.width(source), source.num_classes, dtype, "labels" in source.arrays, source.num_samples,
+                         per_token=source.per_token, encoding=source.encoding, sampled_logits="sampled_logits" in source.arrays)
+    compressed = {spec.name for spec in dumped if spec.compress}
+    value_arrays = set(kind.value_arrays)
     specs = []
     for name, info in source.arrays.items():
         if name not in first_shard.names():
@@ -182,7 +172,7 @@ def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> lis
         specs.append(
             ArraySpec(
                 name,
-                dtype if name in VALUE_ARRAYS else str(info["dtype"]),
+                dtype if name in value_arrays else str(info["dtype"]),
                 tuple(info["row_shape"]),
                 per=str(info.get("per", "row")),
                 compress=name in compressed,
@@ -365,15 +355,16 @@ def convert(
         if backend == source.backend and dtype == source.dtype:
             raise UsageError(
                 f"{src} is already a {backend} cache of {dtype} values: nothing to convert; pass --format "
-                f"{'hdf5' if backend == 'zarr' else 'zarr'} and/or --dtype {'float16' if dtype == 'float32' else 'float32'}"
+                f"{_others(BACKENDS, backend)} and/or --dtype {_others(VALUE_DTYPES, dtype)}"
             )
         if source.encoding != "plain":
             raise CacheFormatError(f"{src}: encoding {source.encoding!r} cannot be converted by this version (only 'plain')")
         if dtype != source.dtype and source.encoding != "plain":
             raise UsageError(f"{src}: a {source.encoding}-encoded cache stores quantized values, not {source.dtype} ones: "
                              f"--dtype cannot change them; convert only its --format, or dump again with --dtype {dtype}")
-        if dtype != source.dtype and not any(name in source.arrays for name in VALUE_ARRAYS):
-            raise UsageError(f"{src}: a {source.mode} cache holds no logit values ({', '.join(VALUE_ARRAYS)}) whose dtype could change")
+        value_arrays = get_kind(source.mode).value_arrays
+        if dtype != source.dtype and not any(name in source.arrays for name in value_arrays):
+            raise UsageError(f"{src}: a {source.mode} cache holds no logit values ({', '.join(value_arrays)}) whose dtype could change")
         _check_paths(src, dst)
 
         precision = source_precision(source)

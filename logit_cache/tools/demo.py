@@ -13,7 +13,6 @@ Deterministic given the seed. It works in a fresh temporary folder (removed afte
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -26,7 +25,8 @@ from torch import nn
 from ..data.datasets import DigitsDataset
 from ..format.manifest import write_json_atomic
 from ..pipeline.dump import DumpConfig, dump_cache
-from ..train.loop import TrainConfig, TrainResult, train_student
+from ..train.config import TrainConfig, TrainResult
+from ..train.loop import train_student
 from .models import digits_mlp
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,8 @@ def _run(workdir: Path, seed: int, epochs: int, topk: int, quiet: bool) -> DemoR
     caches = {split: workdir / f"cache-{split}-top{topk}" for split in ("train", "test")}
     started = time.perf_counter()
     for split, out in caches.items():
-        # The demo's own outputs from an earlier run: a finished cache of other content, or an unfinished one.
-        shutil.rmtree(f"{out}.partial", ignore_errors=True)
+        # overwrite: the demo's own outputs of an earlier run (a finished cache of other content, or an
+        # unfinished OUT.partial) are replaced, and only when provably ours (the dump's ownership checks).
         dump_cache(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", dataset_kwargs={"split": split},
                         out=str(out), mode="topk", k=topk, temperature=TEMPERATURE, overwrite=True, quiet=True, device="cpu"))
     dump_seconds = time.perf_counter() - started
@@ -128,7 +128,7 @@ def _run(workdir: Path, seed: int, epochs: int, topk: int, quiet: bool) -> DemoR
         log.info("training the student: %s", name)
         slug = name.replace(" ", "-")
         result.runs[name] = train_student(TrainConfig(out=str(workdir / f"student-{slug}.pt"), **common, **source))
-    write_json_atomic(workdir / "demo.json", {"rows": result.rows(), "teacher_accuracy": accuracy,
-                                             "teacher_train_seconds": teacher_seconds, "dump_seconds": dump_seconds,
-                                             "seed": seed, "epochs": epochs, "topk": topk})
+    # demo.json: the table, the teacher's figures and run_demo's own arguments under their names
+    write_json_atomic(workdir / "demo.json", dict(rows=result.rows(), teacher_accuracy=accuracy, teacher_train_seconds=teacher_seconds,
+                                                  dump_seconds=dump_seconds, seed=seed, epochs=epochs, topk=topk))
     return result

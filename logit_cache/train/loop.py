@@ -1,19 +1,16 @@
-"""The lightweight student trainer: one file, read top to bottom, no framework.
+"""The student trainer: one loop, read top to bottom, no framework.
 
 Three ways to get the soft targets, one loop:
 
 * ``caches``: cached KD. Targets stream from one or more caches written by ``logit-cache dump``;
   the teacher never runs.
 * ``teacher``: online KD, the baseline. The teacher (loaded as ``dump`` loads it) runs on every
-  batch; the loss is the same, with its logits as full targets.
+  batch while KD applies; the loss is the same, with its logits as full targets.
 * ``labels_only``: plain cross-entropy, the other baseline.
 
-The defaults are chosen so the built-in digits student trains well without tuning: AdamW at
-lr 1e-2 with weight decay 1e-4 (on digits, 1e-2 beat 3e-3 by 2 points of test accuracy for both
-labels-only and KD students, 3 seeds each), batch 64 (23 steps per epoch over 1,437 images),
-30 epochs, cosine decay of the learning rate to zero (no warm-up: the models are small), and
-Composer's KD weights (0.9 KD / 0.1 ground truth). The temperature defaults to the one recorded in
-the (first) cache at dump time, else 4 (Composer's default). The resolved config is saved beside
+What a batch is and which losses compare it is the task's (:mod:`.tasks`: a classifier or a
+language model, chosen by the data); the loss mix is :class:`~logit_cache.losses.DistillationLoss`'s
+for both. The options and their defaults are :mod:`.config`'s. The resolved config is saved beside
 the student, so every checkpoint says how it was trained.
 """
 
@@ -25,7 +22,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -36,107 +33,21 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .. import __version__
-from ..data.datasets import ResolvedDataset, resolve_dataset, split_batch
-from ..data.loader import VERIFY_CHOICES, CachedDataset, ChunkShuffleSampler, collate
-from ..data.replay import preserved_rng
-from ..errors import TargetMismatchError, UsageError
+from ..data.cache import LogitCache, open_cache
+from ..data.datasets import ResolvedDataset, resolve_dataset
+from ..data.loader import CachedDataset, ChunkShuffleSampler, collate
+from ..errors import UsageError
 from ..format.manifest import write_json_atomic
 from ..format.paths import check_writable, output_errors
-from ..io.reader import LogitCache, open_cache
-from ..losses.sample import DEFAULT_TEMPERATURE, TAILS, DistillationLoss, KLDivergence, kd_loss
+from ..losses.sample import logits_targets
 from ..specs import resolve_callable
-from ..teachers.runtime import resolve_device, run_teacher, to_device
+from ..teachers.runtime import resolve_device, run_model
 from ..teachers.sources import Teacher, load_teacher
+from .config import OPTIMIZERS, TrainConfig, TrainResult  # noqa: F401  (OPTIMIZERS moved to config.py)
+from .evaluation import evaluate  # noqa: F401  (moved to evaluation.py)
+from .tasks import task_for
 
 log = logging.getLogger(__name__)
-
-OPTIMIZERS = ("adamw", "sgd")
-
-
-@dataclass
-class TrainConfig:
-    """What ``logit-cache train`` was asked to do (one field per CLI option)."""
-
-    student: str  # MODULE:CALLABLE building the student nn.Module
-    out: str  # where the student's state_dict goes (a JSON sidecar goes beside it)
-    dataset: str = "digits"
-    student_kwargs: dict[str, Any] = field(default_factory=dict)
-    dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    caches: list[str] = field(default_factory=list)  # cached KD: one or more cache directories
-    teacher: str | None = None  # online KD: a checkpoint, loaded as dump loads it
-    arch: str | None = None
-    arch_kwargs: dict[str, Any] = field(default_factory=dict)
-    trust_checkpoint: bool = False
-    labels_only: bool = False
-    eval_dataset: str | None = None  # e.g. "digits" with eval_dataset_kwargs {"split": "test"}
-    eval_dataset_kwargs: dict[str, Any] = field(default_factory=dict)
-    eval_cache: str | None = None  # a cache of the eval split: adds the eval KL to the teacher
-    epochs: int = 30
-    batch_size: int = 64
-    lr: float = 1e-2
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    temperature: float | None = None  # None: the first cache's recorded temperature, else 4.0
-    kd_loss_weight: float = 0.9
-    org_loss_weight: float = 0.1
-    tail: str | None = None  # top-k caches: rest (default) | renormalize | ignore
-    kd_start: float = 0.0  # KD only while the fraction of training done is in [kd_start, kd_end)
-    kd_end: float = 1.0
-    teachers_per_step: int | None = None  # several caches: a random subset of this many per step
-    verify: str = "fingerprint"
-    allow_nonfinite_targets: bool = False  # read NaN/inf cached targets instead of refusing them (a damaged cache)
-    seed: int = 0
-    device: str = "auto"
-    num_workers: int = 0
-    metrics: str | None = None  # JSON metrics file; default: OUT with suffix .metrics.json
-    quiet: bool = False
-
-    @property
-    def source(self) -> str:
-        return "cache" if self.caches else "online" if self.teacher else "labels"
-
-    def validate(self) -> None:
-        """Reject bad or incompatible options before any work is done."""
-        chosen = [name for name, on in (("--cache", bool(self.caches)), ("--teacher", bool(self.teacher)),
-                                        ("--labels-only", self.labels_only)) if on]
-        if len(chosen) != 1:
-            raise UsageError(
-                "choose where the soft targets come from: --cache DIR (cached KD), --teacher CKPT (online KD) "
-                "or --labels-only" + (f"; got {' and '.join(chosen)}" if chosen else "")
-            )
-        if self.epochs < 1 or self.batch_size < 1:
-            raise UsageError(f"--epochs and --batch-size must be >= 1, got {self.epochs} and {self.batch_size}")
-        if not self.lr > 0:
-            raise UsageError(f"--lr must be > 0, got {self.lr}")
-        if self.optimizer not in OPTIMIZERS:
-            raise UsageError(f"--optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-        if self.temperature is not None and not self.temperature > 0:
-            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
-        if self.tail is not None and self.tail not in TAILS:
-            raise UsageError(f"--tail {self.tail!r} is not one of {', '.join(TAILS)}")
-        if self.verify not in VERIFY_CHOICES:
-            raise UsageError(f"--verify {self.verify!r} is not one of {', '.join(VERIFY_CHOICES)}")
-        if self.num_workers < 0:
-            raise UsageError(f"--num-workers must be >= 0, got {self.num_workers}")
-        if self.eval_cache and not self.eval_dataset:
-            raise UsageError("--eval-cache needs --eval-dataset (the data set the eval cache was dumped from)")
-
-
-@dataclass
-class TrainResult:
-    """What a run produced: the files, the per-epoch metrics and where the time went."""
-
-    out: Path
-    sidecar: Path
-    metrics_path: Path
-    epochs: list[dict[str, Any]]
-    seconds: float  # wall time of the training loop (all epochs, evaluation excluded)
-    teacher_seconds: float  # of which spent running the teacher (online KD only)
-    temperature: float | None
-
-    @property
-    def final(self) -> dict[str, Any]:
-        return self.epochs[-1]
 
 
 def _build_student(config: TrainConfig, device: torch.device) -> nn.Module:
@@ -148,15 +59,6 @@ def _build_student(config: TrainConfig, device: torch.device) -> nn.Module:
     if not isinstance(student, nn.Module):
         raise UsageError(f"--student {config.student!r} returned a {type(student).__name__}, not a torch.nn.Module")
     return student.to(device)
-
-
-def _check_classes(student: nn.Module, caches: list[LogitCache], sample: Any, device: torch.device) -> None:
-    """Fail before training if the student's output width is not the caches' class count."""
-    with torch.no_grad():
-        width = run_teacher(student, to_device(sample, device)).shape[-1]
-    for cache in caches:
-        if width != cache.num_classes:
-            raise TargetMismatchError(f"the student has {width} outputs but {cache.path} holds targets over {cache.num_classes} classes")
 
 
 def training_data(config: TrainConfig, data: ResolvedDataset, caches: list[LogitCache], device: torch.device,
@@ -187,46 +89,6 @@ def optimiser(config: TrainConfig, student: nn.Module, total_steps: int) -> tupl
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
-def _loader(dataset: Any, sampler: Any, collate_fn: Any, config: TrainConfig, device: torch.device) -> DataLoader:
-    return DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
-                      num_workers=config.num_workers, pin_memory=device.type == "cuda",
-                      persistent_workers=config.num_workers > 0)
-
-
-@torch.no_grad()
-def evaluate(student: nn.Module, data: ResolvedDataset, device: torch.device, cache: LogitCache | CachedDataset | None = None,
-             batch_size: int = 512) -> dict[str, float]:
-    """Accuracy on ``data`` (needs labels) and, given a cache of it, the mean KL(teacher || student) at T=1.
-
-    ``cache`` may be the cache or ``data`` already wrapped with it (checked once, not every epoch).
-    """
-    student.eval()
-    if isinstance(cache, LogitCache):
-        cache = CachedDataset(data.dataset, [cache])
-    loader = DataLoader(cache if cache is not None else data.dataset, batch_size=batch_size, shuffle=False,
-                        collate_fn=collate if cache is not None else None)
-    correct = count = 0
-    kl_sum = 0.0
-    for batch in loader:
-        if cache is not None:
-            *head, target = batch
-            inputs, labels = head if len(head) == 2 else (head[0], None)
-        else:
-            inputs, labels = split_batch(batch, data.has_labels)
-        logits = run_teacher(student, to_device(inputs, device))
-        if labels is not None:
-            correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
-        if cache is not None:
-            kl_sum += float(kd_loss(logits, target, temperature=1.0)) * len(logits)
-        count += len(logits)
-    metrics = {}
-    if data.has_labels:
-        metrics["eval_accuracy"] = correct / count
-    if cache is not None:
-        metrics["eval_kl"] = kl_sum / count
-    return metrics
-
-
 def train_student(config: TrainConfig) -> TrainResult:
     """Train a student as ``config`` says; save it, its sidecar and its metrics; return the metrics."""
     config.validate()
@@ -240,42 +102,32 @@ def train_student(config: TrainConfig) -> TrainResult:
     np.random.seed(config.seed)
     random.seed(config.seed)
 
-    # -- data: the dataset, and where the soft targets come from ---------------------------------
+    # -- data: the dataset, the task it sets, and where the soft targets come from -------------------
     data = resolve_dataset(config.dataset, config.dataset_kwargs)
-    if data.per_token:  # a language model's data: the token-level loop
-        from .lm import train_tokens
-
-        return train_tokens(config, data, device)
-    if config.org_loss_weight and config.source != "labels" and not data.has_labels:
-        raise UsageError(f"--dataset {config.dataset!r} has no labels: set --org-loss-weight 0 to train on the teacher alone")
-    if config.labels_only and not data.has_labels:
-        raise UsageError(f"--labels-only needs labels, but --dataset {config.dataset!r} has none")
+    task = task_for(data)  # a language model for token sequences, else a classifier
     caches = [open_cache(path, allow_nonfinite=config.allow_nonfinite_targets) for path in config.caches]
-    train_set, sampler, collate_fn, teacher = training_data(config, data, caches, device, None)
+    task.check(config, data, caches)
+    train_set, sampler, collate_fn, teacher = training_data(config, data, caches, device, task.plain_collate)
     eval_data = resolve_dataset(config.eval_dataset, config.eval_dataset_kwargs) if config.eval_dataset else None
+    task.check_eval(config, eval_data)
     # the eval data paired with its cache once, here: the pairing check reads items, so not every epoch
     eval_cache = CachedDataset(eval_data.dataset, [open_cache(config.eval_cache, allow_nonfinite=config.allow_nonfinite_targets)]) \
         if config.eval_cache and eval_data else None
 
     # -- model, loss, optimiser -------------------------------------------------------------------
     student = _build_student(config, device)
-    if caches:
-        with preserved_rng():  # reading item 0 must not shift the augmentation's random draws
-            first = split_batch(torch.utils.data.default_collate([data.dataset[0]]), data.has_labels)[0]
-        _check_classes(student, caches, first, device)
-    temperature = config.temperature or (caches[0].manifest.temperature if caches else DEFAULT_TEMPERATURE)
-    if config.source == "labels":
-        temperature = None
-        criterion: nn.Module = nn.CrossEntropyLoss()
-    else:
-        kd = KLDivergence(temperature, tail=config.tail, teachers_per_step=config.teachers_per_step, seed=config.seed)
-        criterion = DistillationLoss(kd, config.kd_loss_weight, config.org_loss_weight, config.kd_start, config.kd_end)
-    loader = _loader(train_set, sampler, collate_fn, config, device)
+    task.check_width(student, caches, data, device)
+    temperature = None if config.source == "labels" else (
+        config.temperature or (caches[0].manifest.temperature if caches else task.default_temperature))
+    criterion = task.criterion(config, temperature)  # CE alone (labels only), else DistillationLoss
+    kd_window = criterion.active if temperature is not None else lambda progress: False
+    loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, collate_fn=collate_fn,
+                        num_workers=config.num_workers, pin_memory=device.type == "cuda", persistent_workers=config.num_workers > 0)
     total_steps = config.epochs * len(loader)
     optimizer, schedule = optimiser(config, student, total_steps)
     source = {"cache": ", ".join(config.caches), "online": f"the teacher {config.teacher} (online)", "labels": "labels only"}
-    log.info("training %s on %s (%d samples, %d steps), targets from %s%s", config.student, config.dataset, len(data), total_steps,
-             source[config.source], f", temperature {temperature:g}" if temperature else "")
+    log.info("training %s on %s (%d %s, %d steps), targets from %s%s", config.student, config.dataset, len(data), task.unit,
+             total_steps, source[config.source], f", temperature {temperature:g}" if temperature else "")
 
     # -- the loop ------------------------------------------------------------------------------------
     history: list[dict[str, Any]] = []
@@ -291,49 +143,41 @@ def train_student(config: TrainConfig) -> TrainResult:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         seen = 0
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
-        for batch in bar:
-            if caches:
-                *head, target = batch
-                inputs, labels = head if len(head) == 2 else (head[0], None)
-            else:
-                inputs, labels = split_batch(batch, data.has_labels)
-            inputs = to_device(inputs, device)
-            labels = labels.to(device, non_blocking=True) if labels is not None else None
-            if teacher is not None:
+        for collated in bar:
+            batch = task.batch(collated, data, bool(caches), device)
+            progress = step / total_steps
+            kd = kd_window(progress)
+            if teacher is not None and kd:
                 t0 = time.perf_counter()
                 with torch.inference_mode():
-                    target = run_teacher(teacher.module, inputs).float()
+                    logits = task.teacher_logits(teacher.module, batch)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 epoch_teacher += time.perf_counter() - t0
-                target = target.clone()  # an ordinary tensor: inference tensors cannot enter autograd
-            logits = run_teacher(student, inputs)  # (B, C); dict inputs become keyword arguments
-            if config.source == "labels":
-                loss = criterion(logits, labels)
-            else:
-                loss = criterion(logits, labels, target, progress=step / total_steps)
+                batch.target = logits_targets(logits.clone())  # an ordinary tensor: inference tensors cannot enter autograd
+            # the rows the losses compare: (B, C) for a classifier, the trained positions (N, V) for a language model
+            student_rows, labels, target, rows = task.outputs(run_model(student, batch.inputs), batch, kd)
+            loss = criterion(student_rows, labels) if temperature is None else criterion(student_rows, labels, target, progress=progress)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
             step += 1
-            loss_sum += loss.detach().double() * len(logits)
-            seen += len(logits)
+            loss_sum += loss.detach().double() * rows
+            seen += rows
             if show:  # the running loss on the bar costs a device sync: only when a bar is shown
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}", refresh=False)
+                bar.set_postfix(loss=f"{float(loss_sum) / max(1, seen):.4f}", refresh=False)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         train_seconds += seconds
         teacher_seconds += epoch_teacher
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / seen, "seconds": seconds,
-                                  "teacher_seconds": epoch_teacher}
+        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen), "seconds": seconds,
+                                  "teacher_seconds": epoch_teacher, **task.record(seen)}
         if eval_data is not None:
-            record.update(evaluate(student, eval_data, device, eval_cache))
+            record.update(task.evaluate(student, eval_data, device, eval_cache))
         history.append(record)
-        log.info("epoch %d/%d: loss %.4f%s%s, %.2f s", epoch + 1, config.epochs, record["train_loss"],
-                 f", eval accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
-                 f", eval KL {record['eval_kl']:.4f}" if "eval_kl" in record else "", seconds)
+        log.info("epoch %d/%d: loss %.4f%s, %.2f s", epoch + 1, config.epochs, record["train_loss"], task.describe(record), seconds)
 
     return save_student(config, student, history, train_seconds, teacher_seconds, temperature, caches, teacher, device)
 

@@ -1,0 +1,105 @@
+"""Click options shared by several commands, declared once; their choices come from the registries.
+
+Backends from :data:`logit_cache.store.BACKENDS`, value dtypes from :data:`logit_cache.targets.VALUE_DTYPES`,
+the kind a dump's flag chooses from the target kinds (``TargetKind.flag``), the cache root from
+``$LOGIT_CACHE_ROOT`` through click's ``envvar`` (the help shows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ..errors import UsageError
+from ..format.naming import ROOT_ENV
+from ..store import BACKENDS
+from ..targets import KINDS, VALUE_DTYPES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: ``--format`` and ``--dtype`` choices, from the one list of each.
+BACKEND_CHOICE = click.Choice(list(BACKENDS))
+DTYPE_CHOICE = click.Choice(list(VALUE_DTYPES))
+
+
+def _stack(options: list[Callable[[F], F]]) -> Callable[[F], F]:
+    """One decorator applying ``options`` in the order listed (as they appear in --help)."""
+
+    def decorate(function: F) -> F:
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def _sentence(prefix: str, text: str) -> str:
+    return prefix + text if prefix else text[0].upper() + text[1:]
+
+
+def teacher_options(teacher_help: str, *, required: bool = False, with_teacher: bool = False) -> Callable[[F], F]:
+    """``--teacher``, ``--arch``, ``--arch-kwargs`` and ``--trust-checkpoint``; with ``with_teacher`` the
+    last three say they describe a --teacher (the commands where the teacher is optional)."""
+    prefix = "With --teacher: " if with_teacher else ""
+    return _stack([
+        click.option("--teacher", "teacher", required=required, metavar="CKPT", help=teacher_help),
+        click.option("--arch", metavar="MODULE:CALLABLE",
+                     help=_sentence(prefix, "builds the teacher's architecture for a state_dict (as at dump time), e.g. "
+                                    "torchvision.models:resnet18 or models.py:make_net. Imports MODULE and runs its code; the "
+                                    "current directory is searched after installed packages.")),
+        click.option("--arch-kwargs", metavar="JSON",
+                     help=_sentence(prefix, "keyword arguments for --arch, as a JSON object, e.g. '{\"num_classes\": 10}'.")),
+        click.option("--trust-checkpoint", is_flag=True,
+                     help=_sentence(prefix, "allow loading a teacher file whose loading runs code from it: a pickled whole "
+                                    "nn.Module, or a .pt2 archive with pickled parts, AOTInductor code or Python source "
+                                    "(guards, shape expressions). Only for files you trust.")),
+    ])
+
+
+def target_options() -> Callable[[F], F]:
+    """What a dump stores: ``--topk K``, ``--sample M`` (with ``--sample-temperature``) or ``--full``.
+    Giving more than one is refused by the dump's own validation (one place for the library and the CLI)."""
+    return _stack([
+        click.option("--topk", "topk", type=int, metavar="K",
+                     help="Store the K largest logits per row, their ids and the logsumexp of all logits."),
+        click.option("--sample", "sample", type=int, metavar="M",
+                     help="Random-sampling KD (per-token caches): draw M ids per token from the teacher's distribution with a "
+                          "seeded generator and store the distinct ids with their counts (counts/M estimates the probabilities)."),
+        click.option("--sample-temperature", type=float, default=1.0, show_default=True, metavar="TS",
+                     help="With --sample: draw from softmax(logits/TS). TS != 1 also stores the drawn ids' logits, so training "
+                          "corrects the draws by importance weights."),
+        click.option("--full", "full", is_flag=True,
+                     help="Store every logit (C values per row); the size is stated before the dump starts."),
+    ])
+
+
+def chosen_kind(topk: int | None, sample: int | None, full: bool) -> tuple[str, int | None, int | None]:
+    """(mode, k, m) of the flags as given: the kind whose flag (:attr:`TargetKind.flag`) was given, the
+    top-k kind when none was. Several flags are passed on whole, for the dump's validation to refuse
+    with the flags' names (one place for the library and the CLI)."""
+    by_flag = {kind.flag: name for name, kind in KINDS.items()}
+    given = [by_flag[flag] for flag, on in (("--topk", topk is not None), ("--sample", sample is not None), ("--full", full)) if on]
+    return (given[-1] if given else by_flag["--topk"]), topk, sample
+
+
+def quiet_option(help_text: str = "No progress bar and no log lines; only the summary and errors.") -> Callable[[F], F]:
+    return click.option("--quiet", "-q", is_flag=True, help=help_text)
+
+
+def json_option(help_text: str) -> Callable[[F], F]:
+    return click.option("--json", "as_json", is_flag=True, help=help_text)
+
+
+def root_argument() -> Callable[[F], F]:
+    """``ROOT`` of ``ls`` and ``gc``: an argument, or ``$LOGIT_CACHE_ROOT``."""
+    return click.argument("root", required=False, type=click.Path(path_type=Path), envvar=ROOT_ENV)
+
+
+def require_root(root: Path | None) -> Path:
+    """The cache root given (argument, option or ``$LOGIT_CACHE_ROOT``), or a usage error naming both ways."""
+    if root is None:
+        raise UsageError(f"name the cache root: an argument, or set {ROOT_ENV}")
+    return root
