@@ -13,7 +13,7 @@ the one-view cache lose?
 
 Steps, all on the built-in ``digits`` data (1,437 train, 360 test images), on the CPU:
 
-1. a teacher (``logit_cache.demo.train_digits_teacher``: ``digits_mlp`` 256 wide, 2 hidden layers)
+1. a teacher (``logit_cache.tools.demo.train_digits_teacher``: ``digits_mlp`` 256 wide, 2 hidden layers)
    trained on the *clean* train split;
 2. two caches of the train split, ``--full`` logits in float32 (10 classes): ``clean`` (one view,
    the clean images, the old behaviour) and ``views`` (``augment=True``, V views, seed 0);
@@ -38,8 +38,8 @@ weights, ~3 us a sample on 2 CPU cores), so online KD is cheap here and the repl
 an item, in the data path) is not: these times show the replay's overhead, not what a cache saves
 with a teacher that costs more than the student.
 
-Seeding: ``train(seed=s)`` seeds torch's, numpy's and Python's global generators with ``s`` (the
-augmentation draws from all three), so every run is reproducible. For a seed all runs share the
+Seeding: each run (``run_method``) seeds torch's (``TrainConfig(seed=s)``), numpy's and Python's global generators
+with ``s`` (the augmentation draws from all three), so every run is reproducible. For a seed all runs share the
 student's initialisation and the order of the samples; online KD, labels only and the one-view
 cache also see the very same augmented inputs, the ``views`` run its replayed views.
 Methods run interleaved within each seed, so drift in machine load hits all of them alike.
@@ -66,11 +66,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from logit_cache import DumpConfig, TrainConfig, dump, load_teacher, open_cache, train
-from logit_cache.datasets import DigitsDataset
-from logit_cache.demo import STUDENT, TEACHER_ARCH, train_digits_teacher
-from logit_cache.manifest import write_json_atomic
-from logit_cache.replay import default_view
+from logit_cache import DumpConfig, TrainConfig, dump_cache, load_teacher, open_cache, train_student
+from logit_cache.data import DigitsDataset, default_view
+from logit_cache.format import write_json_atomic
+from logit_cache.tools import STUDENT, TEACHER_ARCH, train_digits_teacher
 
 #: ~2.4k weights against the teacher's 83k. At 2 seeds, 30 epochs, hidden 32 beat hidden 16 by 1.4 to 5.6
 #: points of test accuracy for every method (T=2; labels only 4 points), with the same ordering of the methods.
@@ -126,7 +125,7 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher: Path) -> tuple
     paths, records = {}, {}
     for name, config in configs.items():
         started = time.perf_counter()
-        result = dump(config)
+        result = dump_cache(config)
         records[name] = {"seconds": time.perf_counter() - started, "compute_seconds": result.compute_seconds,
                          "bytes_on_disk": result.bytes_on_disk, "rows": result.manifest.num_rows,
                          "views": result.manifest.views, "seed": result.manifest.seed, "key": result.manifest.key}
@@ -186,7 +185,7 @@ def target_stats(paths: dict[str, Path], views: int) -> dict[str, Any]:
     return stats
 
 
-def train_student(method: str, seed: int, args: argparse.Namespace, workdir: Path, paths: dict[str, Path], teacher: Path) -> dict[str, Any]:
+def run_method(method: str, seed: int, args: argparse.Namespace, workdir: Path, paths: dict[str, Path], teacher: Path) -> dict[str, Any]:
     source: dict[str, Any] = {
         "naive": {"caches": [str(paths["clean"])], "verify": "length"},
         "views": {"caches": [str(paths["views"])]},
@@ -200,11 +199,11 @@ def train_student(method: str, seed: int, args: argparse.Namespace, workdir: Pat
                          dataset="digits", dataset_kwargs={"split": "train", "augment": augment}, eval_dataset="digits",
                          eval_dataset_kwargs={"split": "test"}, epochs=args.epochs, lr=LR, temperature=TEMPERATURE,
                          seed=seed, device="cpu", quiet=True, **source)
-    # train() seeds torch only; the augmentation also draws from numpy's and Python's generators.
+    # train_student() seeds torch only; the augmentation also draws from numpy's and Python's generators.
     np.random.seed(seed)
     random.seed(seed)
     load = load_average()
-    result = train(config)
+    result = train_student(config)
     accuracies = [epoch["eval_accuracy"] for epoch in result.epochs]
     return {"method": method, "seed": seed, "test_accuracy": result.final["eval_accuracy"], "best_epoch_accuracy": max(accuracies),
             "final_train_loss": result.final["train_loss"], "train_seconds": result.seconds,
@@ -279,7 +278,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     runs = []
     for seed in range(args.seeds):
         for method in [*METHODS, *([] if args.no_reference else REFERENCE)]:
-            runs.append(train_student(method, seed, args, workdir, paths, teacher))
+            runs.append(run_method(method, seed, args, workdir, paths, teacher))
             r = runs[-1]
             print(f"seed {seed} {method:<12}: test accuracy {r['test_accuracy']:.4f}, {r['train_seconds']:.2f} s "
                   f"({r['teacher_seconds']:.2f} s in the teacher)", flush=True)

@@ -2,7 +2,7 @@
 
 The issue's goal: a dump (teacher + encode + write) runs at most 1.10x the time of bare teacher
 inference over the same data on a CPU, 1.05x on a GPU. This script measures that ratio on a
-synthetic workload, for each backend (zarr, hdf5) and mode (top-k, full), and reports bytes on
+synthetic workload, for each storage backend (``logit_cache.store.BACKENDS``: zarr, hdf5) and mode (top-k, full), and reports bytes on
 disk, compression and the mean top-k mass.
 
     python scripts/bench_dump.py                  # defaults: ~15 s per pass on 2 idle CPU cores, ~4 min in all
@@ -21,7 +21,7 @@ machine load hits all of them alike:
 * **bare**: the teacher over the same DataLoader the dump builds (``make_batches`` over the same
   shard plan, ``make_loader`` with the same workers and pinning), on the same device and precision,
   under ``torch.inference_mode()``; no encoding, no writing.
-* **dump**: the wall time of ``dump(...)`` around the call (it includes resolving the dataset,
+* **dump**: the wall time of ``dump_cache(...)`` around the call (it includes resolving the dataset,
   hashing the teacher file, loading the teacher, writing, finalizing); ``DumpResult.seconds`` is
   recorded too.
 * **encode** (only with ``--split``): bare inference plus the dump's on-device encoding, no writing;
@@ -62,27 +62,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from logit_cache.datasets import ResolvedDataset, resolve_dataset, split_batch
-from logit_cache.dump import (
-    PRECISIONS,
-    DumpConfig,
-    autocast_for,
-    dump,
-    make_batches,
-    make_loader,
-    plan_layout,
-    resolve_device,
-    run_teacher,
-)
-from logit_cache.fingerprint import file_sha256
-from logit_cache.manifest import Manifest
-from logit_cache.models import digits_mlp
+from logit_cache import DumpConfig, Manifest, dump_cache, load_teacher
+from logit_cache.data import ResolvedDataset, resolve_dataset, split_batch
+from logit_cache.format import file_sha256, plan_layout
+from logit_cache.pipeline import make_batches, make_loader
+from logit_cache.store import BACKENDS
 from logit_cache.targets import encode
-from logit_cache.teacher import load_teacher
+from logit_cache.teachers import PRECISIONS, autocast_for, resolve_device, run_teacher
+from logit_cache.tools import digits_mlp
 
-ARCH = "logit_cache.models:digits_mlp"
+ARCH = "logit_cache.tools.models:digits_mlp"
 GOAL = {"cpu": 1.10, "cuda": 1.05}
-ALL_BACKENDS = ("zarr", "hdf5")
+ALL_BACKENDS = tuple(BACKENDS)
 ALL_MODES = ("topk", "full")
 
 
@@ -245,7 +236,7 @@ def time_dump(work: Workload, out: Path, backend: str, mode: str) -> dict[str, A
     )
     record: dict[str, Any] = {}
     with timed(record):
-        result = dump(config)
+        result = dump_cache(config)
     logical = logical_bytes(result.manifest)
     return {
         **record,
@@ -411,7 +402,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--logit-std", type=float, default=4.0, help="std of the teacher's logits (default 4)")
     parser.add_argument("--k", type=int, default=10, help="top-k size (default 10)")
     parser.add_argument("--dtype", default="float16", choices=("float16", "float32"), help="stored value dtype")
-    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list of zarr,hdf5")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list of {','.join(ALL_BACKENDS)}")
     parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma list of topk,full")
     parser.add_argument("--batch-size", type=int, help="batch size (default 256 on cpu, 1024 on cuda)")
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default 0)")

@@ -26,7 +26,7 @@ top-128 (top-16/50/64 are its first columns: ``torch.topk`` is sorted) and of sa
 does. For each method and encoding (``plain``, ``compact``; zarr, and HDF5 for plain with the first
 id prior, uncompressed as the HDF5 backend stores) one shard is written through
 ``get_backend(...).create(path, stored_specs(...), chunk_rows, ...)`` with the dump's chunk rule
-(``dump.chunk_and_shard_rows``), ``--batch-rows`` rows per ``append``, then ``close``.
+(``logit_cache.format.chunk_and_shard_rows``), ``--batch-rows`` rows per ``append``, then ``close``.
 
 * **B/token**: the size of every file of the shard (data and metadata) over the tokens.
 * **write tok/s**: ``encode_arrays`` + ``append`` + ``close`` (generation, top-k and sampling excluded).
@@ -69,10 +69,10 @@ import numpy as np
 import torch
 from numcodecs import Blosc
 
-from logit_cache.compact import CODE_LEVELS, ZERO_CODE, decode_arrays, encode_arrays, sampled_head, stored_specs
-from logit_cache.dump import chunk_and_shard_rows
+from logit_cache.format import chunk_and_shard_rows
 from logit_cache.store import get_backend
-from logit_cache.targets import LOG_MASS_FLOOR, count_dtype, encode, index_dtype, topk_log_probs
+from logit_cache.targets import LOG_MASS_FLOOR, count_dtype, decode_arrays, encode, encode_arrays, index_dtype, stored_specs, topk_log_probs
+from logit_cache.targets.compact import CODE_LEVELS, ZERO_CODE, sampled_head
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dump import machine_info, scratch_dir, table, timed, write_report

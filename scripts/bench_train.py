@@ -12,12 +12,12 @@ synthetic workload where the teacher's forward costs about 10x the student's tra
 Workload: ``--samples`` random float32 vectors of ``--dim`` features with int labels in
 ``[0, --classes)``, held in memory as a map-style dataset of ``(input, label)`` items
 (``bench_dump.synthetic_dataset``, the dump benchmark's workload). The teacher is a
-``logit_cache.models.digits_mlp`` (``--teacher-depth`` hidden layers of ``--teacher-hidden``), random
+``logit_cache.tools.models.digits_mlp`` (``--teacher-depth`` hidden layers of ``--teacher-hidden``), random
 but seeded, with its head rescaled so its logits have standard deviation ``--logit-std`` (peaked like a
 trained teacher's; ``bench_dump.make_teacher``); it is saved as a state_dict and dumped with
-``arch="logit_cache.models:digits_mlp"`` and ``dataset="scripts/bench_dump.py:synthetic_dataset"``.
+``arch="logit_cache.tools.models:digits_mlp"`` and ``dataset="scripts/bench_dump.py:synthetic_dataset"``.
 The student is a ``digits_mlp`` with ``--student-depth`` hidden layers of ``--student-hidden``. Four caches are dumped: top-k
-and full logits (float16), each in zarr and hdf5.
+and full logits (float16), each in every storage backend (zarr and hdf5).
 
 What is timed:
 
@@ -72,18 +72,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from logit_cache.dump import DumpConfig, dump
-from logit_cache.loader import ChunkShuffleSampler
-from logit_cache.losses import kd_loss
-from logit_cache.models import digits_mlp
-from logit_cache.reader import LogitCache, open_cache
-from logit_cache.targets import Targets, index_dtype
+from logit_cache import ChunkShuffleSampler, DumpConfig, LogitCache, Targets, dump_cache, kd_loss, open_cache
+from logit_cache.store import BACKENDS
+from logit_cache.targets import index_dtype
+from logit_cache.tools import digits_mlp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dump import ARCH, SyntheticDataset, machine_info, make_teacher, scratch_dir, synthetic_dataset, table, timed, write_report
 
 BENCH_DUMP = Path(__file__).resolve().parent / "bench_dump.py"
-ALL_BACKENDS = ("zarr", "hdf5")
+ALL_BACKENDS = tuple(BACKENDS)
 ALL_MODES = ("topk", "full")
 TEMPERATURE = 4.0
 KD_WEIGHT, CE_WEIGHT = 0.9, 0.1
@@ -516,7 +514,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--student-depth", type=int, default=1, help="student hidden layers (default 1)")
     parser.add_argument("--logit-std", type=float, default=4.0, help="std of the teacher's logits (default 4)")
     parser.add_argument("--k", type=int, default=10, help="top-k size (default 10)")
-    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help="comma list of zarr,hdf5")
+    parser.add_argument("--backends", default=",".join(ALL_BACKENDS), help=f"comma list of {','.join(ALL_BACKENDS)}")
     parser.add_argument("--batch-size", type=int, default=256, help="batch size (default 256)")
     parser.add_argument("--repeats", type=int, help="timed epochs per variant, interleaved (default 3; 1 with --quick)")
     parser.add_argument("--read-repeats", type=int, help="timed passes per reader case (default 5; 2 with --quick)")
@@ -563,7 +561,7 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher_path: Path, arc
                                 precision=args.dump_precision, overwrite=not args.reuse, resume=args.reuse, quiet=True)
             record: dict[str, Any] = {"backend": backend, "mode": mode}
             with timed(record):
-                result = dump(config)
+                result = dump_cache(config)
             record.update({"bytes_on_disk": result.bytes_on_disk, "compute_s": result.compute_seconds,
                            "mean_topk_mass": result.mean_topk_mass, "chunk_rows": result.manifest.chunk_rows,
                            "shards": len(result.manifest.shards), "reused": result.reused})

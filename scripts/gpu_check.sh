@@ -48,8 +48,7 @@ import torch
 sys.path.insert(0, "scripts")
 from bench_dump import ARCH, make_teacher  # noqa: E402
 
-from logit_cache.dump import DumpConfig, dump  # noqa: E402
-from logit_cache.reader import open_reader  # noqa: E402
+from logit_cache import DumpConfig, dump_cache, open_reader  # noqa: E402
 
 out_dir = Path(sys.argv[1])
 dim, hidden, classes, samples, k = 256, 1024, 1000, 20_000, 10
@@ -58,7 +57,7 @@ with tempfile.TemporaryDirectory(prefix="amp-check-", dir=out_dir) as tmp:
     torch.save(make_teacher(dim, hidden, 2, classes, 4.0, 0).state_dict(), teacher)
     arrays, masses = {}, {}
     for precision in ("fp32", "bf16"):
-        result = dump(DumpConfig(
+        result = dump_cache(DumpConfig(
             teacher=str(teacher), arch=ARCH,
             arch_kwargs={"in_features": dim, "hidden": hidden, "num_classes": classes, "depth": 2},
             dataset=str(Path("scripts/bench_dump.py").resolve()) + ":synthetic_dataset",

@@ -6,7 +6,7 @@ Not a test (it needs a GPU for meaningful numbers; ``--device cpu --quick`` runs
 
 1. Speed: a ``tiny_lm`` teacher scaled up (vocab 32k by default) over windows of a synthetic token
    array; tokens/s of bare inference (the teacher's forward over the same batches, no encoding, no
-   writing) against ``dump`` with ``--topk 64`` and ``--sample 50`` at bf16 (the inference loop's time).
+   writing) against ``dump_cache`` with ``--topk 64`` and ``--sample 50`` at bf16 (the inference loop's time).
 2. AMP fidelity: top-64 dumps at bf16 and fp32 of the same data: top-1 agreement, top-64 id overlap.
 3. Sampled draws on the device: counts sum to M in every row; a second dump draws the same ids.
 """
@@ -25,12 +25,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dump import machine_info, write_report
 
-from logit_cache.compact import encode_arrays
-from logit_cache.dump import DumpConfig, _encode_tokens, array_specs, autocast_for, dump
-from logit_cache.models import tiny_lm
-from logit_cache.reader import open_reader
+from logit_cache import DumpConfig, TokenWindows, collate_tokens, dump_cache, open_reader
+from logit_cache.format import array_specs
 from logit_cache.store import get_backend
-from logit_cache.tokens import TokenWindows, collate_tokens
+from logit_cache.targets import encode_arrays, encode_tokens, get_kind
+from logit_cache.teachers import autocast_for
+from logit_cache.tools import tiny_lm
 
 COMPACT = "--no-compact" not in sys.argv
 
@@ -56,6 +56,8 @@ def encode_tokens_per_second(model: torch.nn.Module, windows: TokenWindows, conf
     """The dump's device work without writing: teacher, per-token encoding, copies to the host."""
     loader = torch.utils.data.DataLoader(windows, batch_size=config.batch_size, collate_fn=collate_tokens,
                                          pin_memory=device.type == "cuda", num_workers=2 if device.type == "cuda" else 0)
+    kind = get_kind(config.mode)  # what the dump's batch loop passes to encode_tokens
+    width, value_dtype = kind.width(config), kind.device_value_dtype(config.dtype, config.encoding)
     tokens, first = 0, 0
     started = time.perf_counter()
     with torch.inference_mode():
@@ -63,7 +65,8 @@ def encode_tokens_per_second(model: torch.nn.Module, windows: TokenWindows, conf
             with autocast_for(device, config.precision):
                 logits = model(batch.inputs.to(device, non_blocking=True))
             lengths = batch.lengths.tolist()
-            encoded = _encode_tokens(logits, lengths, list(range(first, first + len(lengths))), config)
+            encoded = encode_tokens(logits, lengths, list(range(first, first + len(lengths))), kind.name, width, value_dtype,
+                                    seed=config.seed, sample_temperature=config.sample_temperature)
             host = [t.to("cpu", non_blocking=True) for t in encoded.arrays.values()]
             first += len(lengths)
             tokens += sum(lengths)
@@ -119,7 +122,7 @@ def main() -> int:
         torch.save(model.state_dict(), root / "teacher.pt")
         model = model.to(device).eval()
         windows = TokenWindows(root / "ids.npy", seq_len=args.seq_len)
-        common = dict(teacher=str(root / "teacher.pt"), arch="logit_cache.models:tiny_lm", arch_kwargs=arch_kwargs,
+        common = dict(teacher=str(root / "teacher.pt"), arch="logit_cache.tools.models:tiny_lm", arch_kwargs=arch_kwargs,
                       dataset=f"tokens:{root / 'ids.npy'}", dataset_kwargs={"seq_len": args.seq_len}, batch_size=args.batch_size,
                       device=args.device, quiet=True)
         bare_tokens_per_second(model, windows, args.batch_size, device, "bf16")  # warm-up (kernels, allocator)
@@ -127,7 +130,7 @@ def main() -> int:
         rows = []
         for name, extra in [("top64", {"mode": "topk", "k": 64}), ("sample50", {"mode": "sampled", "m": 50}),
                             ("top64-compact", {"mode": "topk", "k": 64, "encoding": "compact"})][: None if COMPACT else 2]:
-            result = dump(DumpConfig(out=str(root / name), precision="bf16", **common, **extra))
+            result = dump_cache(DumpConfig(out=str(root / name), precision="bf16", **common, **extra))
             tps = result.rows_computed / result.compute_seconds
             rows.append({"what": name, "tokens_per_s": tps, "bare_tokens_per_s": bare, "dump_over_bare_time": bare / tps,
                          "bytes_per_token": result.bytes_on_disk / result.manifest.num_rows})
@@ -147,7 +150,7 @@ def main() -> int:
             print(f"{name:34s} {value:12,.0f}", flush=True)
         # AMP fidelity: bf16 vs fp32 of the same data (the first 200 windows)
         few = dict(common, dataset_kwargs={"seq_len": args.seq_len}, mode="topk", k=64)
-        dump(DumpConfig(out=str(root / "fp32"), precision="fp32", **few))
+        dump_cache(DumpConfig(out=str(root / "fp32"), precision="fp32", **few))
         bf16, fp32 = open_reader(root / "top64"), open_reader(root / "fp32")
         a, b = bf16.read("topk_indices").astype(np.int64), fp32.read("topk_indices").astype(np.int64)
         top1 = float((a[:, 0] == b[:, 0]).mean())
@@ -155,7 +158,7 @@ def main() -> int:
         report["amp"] = {"top1_agreement": top1, "top64_overlap": overlap}
         print(f"AMP bf16 vs fp32: top-1 agreement {top1:.4f}, top-64 id overlap {overlap:.4f}", flush=True)
         # sampled on the device: counts sum to M; a second dump draws the same ids
-        again = dump(DumpConfig(out=str(root / "sample50-again"), precision="bf16", mode="sampled", m=50, **common))
+        again = dump_cache(DumpConfig(out=str(root / "sample50-again"), precision="bf16", mode="sampled", m=50, **common))
         first, second = open_reader(root / "sample50"), open_reader(again.out)
         counts = first.read("sampled_counts")
         same = bool(np.array_equal(first.read("sampled_indices"), second.read("sampled_indices"))

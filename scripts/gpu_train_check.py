@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from logit_cache import DumpConfig, TrainConfig, dump, open_cache, train
-from logit_cache.datasets import DigitsDataset
-from logit_cache.demo import STUDENT, STUDENT_KWARGS, TEACHER_ARCH, train_digits_teacher
+from logit_cache import DumpConfig, TrainConfig, dump_cache, open_cache, train_student
+from logit_cache.data import DigitsDataset
+from logit_cache.tools import STUDENT, STUDENT_KWARGS, TEACHER_ARCH, train_digits_teacher
 
 
 def main() -> int:
@@ -40,12 +40,12 @@ def main() -> int:
         teacher = work / "teacher.pt"
         report["teacher_accuracy"] = train_digits_teacher(teacher)
         for name, mode, k, dtype, precision in (("full32", "full", None, "float32", "fp32"), ("top5", "topk", 5, "float16", "bf16")):
-            dump(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", out=str(work / name), mode=mode, k=k,
-                            dtype=dtype, precision=precision, device="cuda", quiet=True))
+            dump_cache(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", out=str(work / name), mode=mode, k=k,
+                                  dtype=dtype, precision=precision, device="cuda", quiet=True))
         common = {"student": STUDENT, "student_kwargs": STUDENT_KWARGS, "dataset": "digits", "epochs": 3, "device": "cuda",
                   "temperature": 4.0, "quiet": True, "eval_dataset": "digits", "eval_dataset_kwargs": {"split": "test"}}
-        cached = train(TrainConfig(out=str(work / "cached.pt"), caches=[str(work / "full32")], **common))
-        online = train(TrainConfig(out=str(work / "online.pt"), teacher=str(teacher), arch=TEACHER_ARCH, **common))
+        cached = train_student(TrainConfig(out=str(work / "cached.pt"), caches=[str(work / "full32")], **common))
+        online = train_student(TrainConfig(out=str(work / "online.pt"), teacher=str(teacher), arch=TEACHER_ARCH, **common))
         a, b = torch.load(cached.out, weights_only=True), torch.load(online.out, weights_only=True)
         diff = max((a[n] - b[n]).abs().max().item() for n in a)
         report["cached_vs_online_max_weight_diff"] = diff

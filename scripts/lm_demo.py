@@ -11,18 +11,18 @@ plus two baselines with the same budget: labels only (next-byte cross-entropy) a
 
 Steps, all on the CPU:
 
-1. the teacher, ``logit_cache.models:tiny_lm`` (``TEACHER_KWARGS``), trained here with plain
+1. the teacher, ``logit_cache.tools.models:tiny_lm`` (``TEACHER_KWARGS``), trained here with plain
    next-token cross-entropy (AdamW, linear warm-up then cosine decay, gradient clipping) for
    ``--teacher-steps`` batches of ``--batch-size`` windows of ``--seq-len`` bytes, seed 0; its
-   state_dict is saved to the scratch folder and dumped with ``arch="logit_cache.models:tiny_lm"``.
+   state_dict is saved to the scratch folder and dumped with ``arch="logit_cache.tools.models:tiny_lm"``.
    Its held-out perplexity is printed next to unigram and bigram byte models counted on the train
    split (add-alpha smoothing, the best alpha of a few on the test split: a generous baseline);
 2. caches of the train split, plain encoding, float16 values, Zarr: top-k for each ``--topk`` K,
    sampled for each ``--sample`` M (M draws per token from softmax(logits / Ts), Ts = 1, or ``M@Ts``)
-   and full logits. Recorded per dump: ``dump s``, the wall time of the whole ``dump()`` call
+   and full logits. Recorded per dump: ``dump s``, the wall time of the whole ``dump_cache()`` call
    (teacher inference included), ``B/token``, its bytes on disk per token (``bytes_on_disk /
    num_rows``, compressed), and ``raw B/tok``, the stored arrays' bytes per token uncompressed.
-   With ``logit_cache.compact`` finished (``--compact auto``, the default, checks that its
+   With ``logit_cache.targets.compact`` finished (``--compact auto``, the default, checks that its
    ``stored_specs`` works) every top-k and sampled cache is dumped again with ``encoding="compact"``
    (top-k with ``dtype="float32"``, as ``compact.py`` advises: the stored bytes are the same and
    float16 values would round away the tail mass it stores) and gets a row; students are trained
@@ -31,12 +31,12 @@ Steps, all on the CPU:
    ``targets.topk_log_probs``) are compared with the teacher's exact distribution (KL in nats per
    token over the K ids and one bucket for the rest), and every compact sampled cache's decoded rows
    with its plain twin's;
-3. the students, ``tiny_lm`` (``STUDENT_KWARGS``), trained by ``logit_cache.train`` for the same
+3. the students, ``tiny_lm`` (``STUDENT_KWARGS``), trained by ``logit_cache.train_student`` for the same
    number of steps (``--epochs`` over the same windows, same ``--batch-size``, lr, seed: the same
    initialisation and, checked before training, the same order of windows for every method). KD runs
    use the loss ``0.9 * KD + 0.1 * CE`` (the trainer's defaults; ``--kd-weight 1`` for pure KD) at
    T = 1 and the top-k tail ``rest`` (the default). Sampled caches with Ts != 1 are reweighted to
-   T = 1 with their stored logits (``token_losses.sampled_weights``). Every method is trained with
+   T = 1 with their stored logits (``logit_cache.losses.sampled_weights``). Every method is trained with
    seeds 0..``--seeds``-1 (the teacher and the caches stay the same);
 4. per student, over every next-token position of the test split: ``held-out ppl``, the trainer's
    ``eval_perplexity`` (recomputed here, and checked to agree), and ``KL to teacher``, the true
@@ -71,17 +71,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from logit_cache import DumpConfig, TrainConfig, dump, open_cache, train
-from logit_cache.loader import ChunkShuffleSampler
-from logit_cache.manifest import write_json_atomic
-from logit_cache.models import tiny_lm
+from logit_cache import ChunkShuffleSampler, DumpConfig, TrainConfig, collate_tokens, dump_cache, next_token_mask, open_cache, train_student
+from logit_cache.data import TEXT_VOCAB, ByteText
+from logit_cache.format import write_json_atomic
 from logit_cache.targets import LOG_MASS_FLOOR, topk_log_probs
-from logit_cache.tokens import TEXT_VOCAB, ByteText, collate_tokens, next_token_mask
+from logit_cache.tools import tiny_lm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_dump import machine_info, scratch_dir
 
-ARCH = "logit_cache.models:tiny_lm"
+ARCH = "logit_cache.tools.models:tiny_lm"
 #: Bytes per window and windows per batch (4096 bytes a step), for the teacher and the students.
 SEQ_LEN, BATCH_SIZE = 32, 128
 #: ~0.47M weights. 800 steps (7.8 epochs) give it a held-out perplexity of ~3.7, against ~10 for a bigram model.
@@ -236,7 +235,7 @@ def ngram_baselines(train: ByteText, test_targets: torch.Tensor, test_previous: 
 def compact_available() -> str | None:
     """None if ``encoding="compact"`` can be dumped here, else why not."""
     try:
-        from logit_cache.compact import stored_specs
+        from logit_cache.targets import stored_specs
 
         stored_specs("topk", 8, TEXT_VOCAB, "float16", "compact")
         stored_specs("sampled", 8, TEXT_VOCAB, "float16", "compact")
@@ -280,7 +279,7 @@ def dump_caches(args: argparse.Namespace, workdir: Path, teacher: Path, compact:
         config = DumpConfig(teacher=str(teacher), arch=ARCH, arch_kwargs={**TEACHER_KWARGS, "max_len": args.seq_len}, dataset="text",
                             dataset_kwargs=args.train_kwargs, out=str(out), device="cpu", quiet=True, overwrite=True, **fields)
         started = time.perf_counter()
-        result = dump(config)
+        result = dump_cache(config)
         seconds = time.perf_counter() - started
         manifest = result.manifest
         record = {"seconds": seconds, "compute_seconds": result.compute_seconds, "bytes_on_disk": result.bytes_on_disk,
@@ -362,8 +361,8 @@ def check_same_order(methods: list[Method], num_windows: int, seed: int, epochs:
     return True
 
 
-def train_student(method: Method, seed: int, args: argparse.Namespace, workdir: Path, teacher_log_p: torch.Tensor,
-                  test_targets: torch.Tensor, test: ByteText) -> dict[str, Any]:
+def run_method(method: Method, seed: int, args: argparse.Namespace, workdir: Path, teacher_log_p: torch.Tensor,
+               test_targets: torch.Tensor, test: ByteText) -> dict[str, Any]:
     kd = {} if "labels_only" in method.source else {"kd_loss_weight": args.kd_weight, "org_loss_weight": 1.0 - args.kd_weight}
     student_kwargs = {**STUDENT_KWARGS, "max_len": args.seq_len}
     config = TrainConfig(student=ARCH, student_kwargs=student_kwargs, out=str(workdir / f"student-{method.name}-seed{seed}.pt"),
@@ -371,7 +370,7 @@ def train_student(method: Method, seed: int, args: argparse.Namespace, workdir: 
                          epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, device="cpu", quiet=True,
                          **method.source, **kd)
     load = load_average()
-    result = train(config)
+    result = train_student(config)
     student = tiny_lm(**student_kwargs)
     student.load_state_dict(torch.load(result.out, map_location="cpu", weights_only=True))
     log_q, targets = position_log_probs(student, test)
@@ -521,7 +520,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         default=[parse_sample(x) for x in DEFAULT_SAMPLE],
                         help=f"sampled caches, comma-separated M or M@Ts (default {','.join(DEFAULT_SAMPLE)})")
     parser.add_argument("--compact", choices=["auto", "off"], default="auto",
-                        help="auto (default): also dump every top-k and sampled cache with encoding=compact if logit_cache.compact works")
+                        help="auto (default): also dump every top-k and sampled cache with encoding=compact if the compact encoding works")
     parser.add_argument("--compact-students", action="store_true",
                         help="also train students from the compact caches (default: compare their decoded rows with the plain caches')")
     parser.add_argument("--seeds", type=int, help=f"students per method, seeds 0..N-1 (default {DEFAULT_SEEDS}; 1 with --quick)")
@@ -567,7 +566,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     why_not = None if args.compact == "off" else compact_available()
     if args.compact == "auto" and why_not is not None:
-        print(f"compact encoding skipped: logit_cache.compact.stored_specs does not work here ({why_not})", flush=True)
+        print(f"compact encoding skipped: logit_cache.targets.stored_specs does not work here ({why_not})", flush=True)
     methods = dump_caches(args, workdir, teacher_path, compact=args.compact == "auto" and why_not is None)
     same_order = all(check_same_order(methods, len(train_data), seed, args.epochs) for seed in range(args.seeds))
     by_name = {m.name: m for m in methods}
@@ -584,7 +583,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
     for seed in range(args.seeds):
         for method in [m for m in methods if m.train]:
-            run_record = train_student(method, seed, args, workdir, teacher_log_p, test_targets, test_data)
+            run_record = run_method(method, seed, args, workdir, teacher_log_p, test_targets, test_data)
             method.runs.append(run_record)
             print(f"seed {seed} {method.name:<16}: held-out ppl {run_record['held_out_perplexity']:.3f}, "
                   f"KL {run_record['kl_to_teacher']:.4f}, {run_record['train_seconds']:.1f} s", flush=True)

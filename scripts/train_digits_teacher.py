@@ -1,7 +1,7 @@
 """Train a small teacher on the built-in digits data and save it as a state_dict checkpoint.
 
 Gives new users a ``teacher.pt`` to try ``logit-cache dump`` on (arch
-``logit_cache.models:digits_mlp``). Deterministic given --seed; about three seconds on two CPU cores.
+``logit_cache.tools.models:digits_mlp``). Deterministic given --seed; about three seconds on two CPU cores.
 ``logit-cache demo`` does this too, then the rest of the pipeline.
 
     python scripts/train_digits_teacher.py --out data/digits-teacher.pt
@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from logit_cache.demo import train_digits_teacher
+from logit_cache.tools import train_digits_teacher
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     args = parser.parse_args()
     started = time.perf_counter()
     accuracy = train_digits_teacher(args.out, args.epochs, args.seed)
-    print(f"saved {args.out} (arch logit_cache.models:digits_mlp): test accuracy {accuracy:.3f}, "
+    print(f"saved {args.out} (arch logit_cache.tools.models:digits_mlp): test accuracy {accuracy:.3f}, "
           f"{time.perf_counter() - started:.1f} s")
 
 

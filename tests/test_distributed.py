@@ -23,6 +23,7 @@ import zarr
 from data_factories import spec
 
 from logit_cache.reader import open_reader
+from logit_cache.store import BACKENDS
 
 pytestmark = pytest.mark.slow
 
@@ -106,7 +107,7 @@ def assert_same_content(got: Path, want: Path, same_key: bool = True) -> None:
                 assert np.array_equal(actual, want_raw[name]), name
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_torchrun_dump_equals_single_process(tmp_path: Path, teacher: Path, backend: str) -> None:
     # The single-process reference runs alongside (each is mostly start-up).
     reference = single(dump_args(teacher, tmp_path / "single", backend, spec("random_images")))

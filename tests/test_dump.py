@@ -14,6 +14,7 @@ from data_factories import RandomImages, read_plain, spec
 
 from logit_cache.datasets import DigitsDataset
 from logit_cache.reader import open_reader
+from logit_cache.store import BACKENDS
 
 N = 300
 
@@ -31,7 +32,7 @@ def dump_args(ckpt: Path, out: Path, *extra: str, n: int = N) -> list[str]:
             "--out", out, "--quiet", *extra]
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_full_logits_match_the_teacher(cli, teacher_ckpt, tmp_path, backend, dtype):
     out = tmp_path / "cache"
@@ -53,7 +54,7 @@ def test_full_logits_match_the_teacher(cli, teacher_ckpt, tmp_path, backend, dty
     assert not (tmp_path / "cache.partial").exists()
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_topk_matches_the_teacher(cli, teacher_ckpt, tmp_path, backend):
     out = tmp_path / "cache"
     result = cli(*dump_args(teacher_ckpt, out, "--topk", "4", "--format", backend, "--dtype", "float32",

@@ -23,6 +23,7 @@ from conftest import ARCH, ARCH_KWARGS
 from data_factories import RaggedTokens, RandomImages, causal_bag, spec
 
 from logit_cache.fingerprint import sample_indices
+from logit_cache.store import BACKENDS
 from logit_cache.store import base as store_base
 
 HERE = f"{Path(__file__).resolve()}"
@@ -198,7 +199,7 @@ def test_train_out_that_is_a_directory_fails_before_training(cli, tmp_path: Path
 # -- a full disk midway: one line, the unfinished dump kept, --resume completes it ---------------------------
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_full_disk_midway_keeps_the_partial_and_resume_completes_it(cli, teacher_ckpt: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch, backend: str) -> None:  # fmt: skip
     common = ("--dataset-kwargs", '{"n": 300}', "--shard-rows", "64", "--batch-size", "16", "--num-workers", "0", "--format", backend)

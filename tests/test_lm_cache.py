@@ -13,6 +13,7 @@ from data_factories import RaggedTokens, causal_bag, read_plain, spec
 
 from logit_cache import DumpConfig, TrainConfig, dump, open_cache, train
 from logit_cache.errors import DatasetMismatchError
+from logit_cache.store import BACKENDS
 from logit_cache.targets import encode
 from logit_cache.tokens import TokenWindows, collate_tokens, next_token_mask
 
@@ -62,7 +63,7 @@ def read_plain_shard(out: Path, name: str, backend: str, array: str) -> np.ndarr
         return handle[array][:]
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 @pytest.mark.parametrize("style", ["ids", "dict", "pair"])
 def test_rows_are_real_tokens_with_offsets_and_match_the_teacher(tmp_path: Path, backend: str, style: str) -> None:
     teacher, model = _teacher(tmp_path)
@@ -301,7 +302,7 @@ def test_full_mode_states_its_size_before_it_starts(tmp_path: Path, caplog: pyte
     assert f"--full stores every logit: {rows} rows x {VOCAB} classes x 2 B" in caplog.text
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_compact_caches_decode_to_the_plain_ones(tmp_path: Path, backend: str) -> None:
     """Top-k: the same ids per token and probabilities within the 8-bit codes' bound; sampled: lossless."""
     teacher, _ = _teacher(tmp_path)

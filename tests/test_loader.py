@@ -23,6 +23,7 @@ from logit_cache.datasets import DigitsDataset
 from logit_cache.errors import DatasetMismatchError, IncompleteCacheError, UsageError
 from logit_cache.loader import CachedDataset, ChunkShuffleSampler, collate
 from logit_cache.reader import LogitCache, open_cache, open_reader
+from logit_cache.store import BACKENDS
 from logit_cache.targets import Targets
 
 N, K = 1437, 4
@@ -99,7 +100,7 @@ def test_the_caches_have_several_shards_and_chunks(caches):
 LOADER_CASES = [
     pytest.param(ctx, backend, in_memory, marks=[pytest.mark.slow] if ctx == "spawn" and (backend, in_memory) != ("hdf5", False) else [])
     for ctx in ("fork", "spawn")
-    for backend in ("zarr", "hdf5")
+    for backend in sorted(BACKENDS)
     for in_memory in (True, False)
 ]
 

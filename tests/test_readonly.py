@@ -46,12 +46,13 @@ from logit_cache import DumpConfig
 from logit_cache.datasets import DigitsDataset
 from logit_cache.errors import CacheNotFoundError, CorruptShardError, IncompleteCacheError, LogitCacheError, MissingPackageError, UsageError
 from logit_cache.reader import LogitCache, open_cache, open_reader
+from logit_cache.store import BACKENDS as STORE_BACKENDS
 from logit_cache.store import hdf5_store
 from logit_cache.store.base import URLPath, is_url
 
 N, K = 1437, 5
 SMALL_CACHE = 4096  # bytes: a two-slot chunk cache for three chunks, so chunks are evicted and shards reopened
-BACKENDS = ("zarr", "hdf5")
+BACKENDS = tuple(sorted(STORE_BACKENDS))
 TARGET_NAMES = {"values": "topk_logits", "indices": "topk_indices", "logsumexp": "logsumexp"}
 
 

@@ -26,6 +26,7 @@ from data_factories import spec
 
 from logit_cache.errors import IncompleteCacheError
 from logit_cache.reader import open_reader
+from logit_cache.store import BACKENDS
 
 pytestmark = pytest.mark.slow
 
@@ -139,7 +140,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, teacher: Path) -> Iterat
     procs = {
         backend: subprocess.Popen(dump_argv(teacher, root / backend, backend), env=ENV, stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True)
-        for backend in ("zarr", "hdf5")
+        for backend in sorted(BACKENDS)
     }
 
     def get(backend: str) -> Path:
@@ -155,7 +156,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory, teacher: Path) -> Iterat
 
 
 @pytest.mark.parametrize("moment", list(MOMENTS))
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_killed_dump_resumes_to_identical_cache(tmp_path: Path, teacher: Path, reference: Callable[[str], Path],
                                                 backend: str, moment: str) -> None:  # fmt: skip
     out = tmp_path / "cache"

@@ -40,6 +40,7 @@ from logit_cache.cli import main
 from logit_cache.convert import convert
 from logit_cache.errors import CacheBusyError, CacheFormatError, OutputExistsError
 from logit_cache.manifest import write_json_atomic
+from logit_cache.store import BACKENDS
 from logit_cache.writer import WORK_MARKER, check_output, partial_path, write_work_marker
 
 NOBODY = 65534
@@ -99,7 +100,7 @@ def test_write_json_atomic_gives_the_umask_mode(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m2.json", "m22.json", "m77.json"]  # no temporaries left
 
 
-@pytest.mark.parametrize("backend", ["zarr", "hdf5"])
+@pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_a_cache_in_a_group_shared_root_is_group_readable(tmp_path: Path, teacher: Path, umask002, backend: str) -> None:
     """setgid 2775 root, umask 002: every file 0664, every folder 2775 (as `open` and `mkdir` give them)."""
     root = tmp_path / "shared"

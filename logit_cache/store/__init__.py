@@ -4,7 +4,8 @@
 dump's check of ``--backend``, convert and the tests iterate over it. A backend is a
 :class:`~logit_cache.store.base.Backend` (a name, a shard suffix, a writer and a reader class)
 passed to :func:`register_backend`; Zarr and HDF5 are registered on import, in that order (the
-first is the default and the order messages list them in).
+first is the default and the order messages list them in). Shard locations (a local path or an
+fsspec URL) are :mod:`.locations`'s job.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 from ..errors import UsageError
 from .base import ArraySpec, Backend, ShardReader, ShardWriter, combine_checksum
 from .hdf5_store import HDF5Backend
+from .locations import URLPath, as_location, is_url, url_filesystem
 from .zarr_store import ZarrBackend
 
 #: Every registered backend, by name, in registration order.
@@ -48,8 +50,12 @@ __all__ = [
     "Backend",
     "ShardReader",
     "ShardWriter",
+    "URLPath",
+    "as_location",
     "backend_names",
     "combine_checksum",
     "get_backend",
+    "is_url",
     "register_backend",
+    "url_filesystem",
 ]

@@ -4,13 +4,14 @@ stores, how it is decoded into a :class:`Targets` batch for the losses.
 ``registry.py`` says what a kind is and holds them (:data:`KINDS`); each kind is one module
 (``full.py``, ``topk.py``, ``sampled.py``), registered here on import in that order (the order
 messages list them in). Another kind is a module whose object is passed to :func:`register`.
+``compact`` is the stored encoding of the arrays (exported as the module too, for its constants).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import full, sampled, topk
+from . import compact, full, sampled, topk
 from .batch import (
     LOG_MASS_FLOOR,
     OPTIONAL_TARGET_ARRAYS,
@@ -21,6 +22,7 @@ from .batch import (
     topk_log_probs,
     topk_mass,
 )
+from .compact import ENCODINGS, decode_arrays, encode_arrays, stored_specs
 from .dtypes import UINT16_CLASSES, VALUE_DTYPES, count_dtype, index_dtype, torch_dtype
 from .encoded import EncodedBatch
 from .registry import KINDS, TargetKind, get_kind, kind_names, register, unregister
@@ -38,6 +40,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ENCODINGS",
     "KINDS",
     "LOG_MASS_FLOOR",
     "MODES",
@@ -48,14 +51,18 @@ __all__ = [
     "EncodedBatch",
     "TargetKind",
     "Targets",
+    "compact",
     "count_dtype",
+    "decode_arrays",
     "encode",
+    "encode_arrays",
     "encode_tokens",
     "get_kind",
     "index_dtype",
     "kind_names",
     "register",
     "sample_unique",
+    "stored_specs",
     "topk_log_probs",
     "topk_mass",
     "torch_dtype",

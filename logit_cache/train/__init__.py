@@ -12,10 +12,12 @@ from .._legacy import callable_module
 from .config import OPTIMIZERS, TrainConfig, TrainResult
 from .evaluation import evaluate, evaluate_tokens
 from .loop import train_student
+from .tasks import Classification, LanguageModel, Task
 
 #: The function's name before the package moved to subpackages.
 train = train_student
 
-__all__ = ["OPTIMIZERS", "TrainConfig", "TrainResult", "evaluate", "evaluate_tokens", "train", "train_student"]
+__all__ = ["OPTIMIZERS", "Classification", "LanguageModel", "Task", "TrainConfig", "TrainResult", "evaluate", "evaluate_tokens", "train",
+           "train_student"]
 
 callable_module(__name__, train_student)
