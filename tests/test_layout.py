@@ -131,7 +131,8 @@ def test_modules_are_small(module):
 
 
 def _compared_strings(path: Path) -> list[tuple[int, str]]:
-    """String constants used as values in code (comparisons, containers, dict keys, defaults), not docs or messages."""
+    """String constants used as values in code (comparisons, containers, dict keys, defaults of fields and
+    arguments), not docs or messages."""
     tree = ast.parse(path.read_text())
     messages = set()
     for node in ast.walk(tree):
@@ -151,6 +152,12 @@ def _compared_strings(path: Path) -> list[tuple[int, str]]:
             for key in node.keys:
                 if isinstance(key, ast.Constant) and isinstance(key.value, str):
                     found.append((key.lineno, key.value))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+            found.append((node.lineno, node.value.value))  # a dataclass field's default
+        elif isinstance(node, ast.arguments):
+            for default in [*node.defaults, *node.kw_defaults]:
+                if isinstance(default, ast.Constant) and isinstance(default.value, str):
+                    found.append((default.lineno, default.value))
         elif isinstance(node, (ast.Tuple, ast.List, ast.Set)) and isinstance(getattr(node, "ctx", None), ast.Load):
             for leaf in node.elts:
                 if isinstance(leaf, ast.Constant) and isinstance(leaf.value, str):

@@ -16,7 +16,7 @@ import click
 from ..errors import UsageError
 from ..format.naming import ROOT_ENV
 from ..store import BACKENDS
-from ..targets import KINDS, VALUE_DTYPES
+from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -82,7 +82,7 @@ def chosen_kind(topk: int | None, sample: int | None, full: bool) -> tuple[str, 
     with the flags' names (one place for the library and the CLI)."""
     by_flag = {kind.flag: name for name, kind in KINDS.items()}
     given = [by_flag[flag] for flag, on in (("--topk", topk is not None), ("--sample", sample is not None), ("--full", full)) if on]
-    return (given[-1] if given else by_flag["--topk"]), topk, sample
+    return (given[-1] if given else DEFAULT_KIND), topk, sample
 
 
 def quiet_option(help_text: str = "No progress bar and no log lines; only the summary and errors.") -> Callable[[F], F]:

@@ -52,8 +52,8 @@ from ..format.paths import output_errors
 from ..io.locks import writer_lock
 from ..io.lookup import directory_bytes, find_by_key  # noqa: F401  (re-exported: old import path)
 from ..io.writer import check_output, finalize, prepare_work_dir, read_progress, split_for_rank
-from ..store import BACKENDS, get_backend
-from ..targets import KINDS, VALUE_DTYPES, get_kind
+from ..store import BACKENDS, DEFAULT_BACKEND, get_backend
+from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES, get_kind
 from ..targets.compact import ENCODINGS
 from ..targets.tokens import TOKEN_CHUNK, encode_tokens  # noqa: F401  (TOKEN_CHUNK moved to targets.tokens)
 from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher  # noqa: F401  (re-exported: scripts)
@@ -72,7 +72,7 @@ class DumpConfig:
     teacher: str
     dataset: str
     out: str | None = None  # the cache directory; or name it by content under cache_root
-    mode: str = "topk"
+    mode: str = DEFAULT_KIND
     k: int | None = None
     #: sampled mode: draws per row (token), and the temperature of the distribution drawn from
     m: int | None = None
@@ -85,7 +85,7 @@ class DumpConfig:
     dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     temperature: float = 1.0
     dtype: str = "float16"
-    backend: str = "zarr"
+    backend: str = DEFAULT_BACKEND
     batch_size: int = 256
     num_workers: int | None = None
     device: str = "auto"

@@ -44,8 +44,12 @@ def get_backend(name: str) -> Backend:
 for _backend in (ZarrBackend(), HDF5Backend()):
     register_backend(_backend)
 
+#: The backend a dump writes when not told (``DumpConfig.backend``, ``--format``).
+DEFAULT_BACKEND = ZarrBackend.name
+
 __all__ = [
     "BACKENDS",
+    "DEFAULT_BACKEND",
     "ArraySpec",
     "Backend",
     "ShardReader",

@@ -31,6 +31,9 @@ from .tokens import encode_tokens
 for _kind in (full.KIND, topk.KIND, sampled.KIND):
     register(_kind)
 
+#: What a dump stores when not told (``DumpConfig.mode``, the CLI without --topk/--sample/--full).
+DEFAULT_KIND = topk.KIND.name
+
 
 def __getattr__(name: str) -> Any:
     """``MODES``: the registered kinds' names when read."""
@@ -40,6 +43,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "DEFAULT_KIND",
     "ENCODINGS",
     "KINDS",
     "LOG_MASS_FLOOR",

@@ -114,7 +114,7 @@ def _run(workdir: Path, seed: int, epochs: int, topk: int, quiet: bool) -> DemoR
         # overwrite: the demo's own outputs of an earlier run (a finished cache of other content, or an
         # unfinished OUT.partial) are replaced, and only when provably ours (the dump's ownership checks).
         dump_cache(DumpConfig(teacher=str(teacher), arch=TEACHER_ARCH, dataset="digits", dataset_kwargs={"split": split},
-                        out=str(out), mode="topk", k=topk, temperature=TEMPERATURE, overwrite=True, quiet=True, device="cpu"))
+                        out=str(out), k=topk, temperature=TEMPERATURE, overwrite=True, quiet=True, device="cpu"))
     dump_seconds = time.perf_counter() - started
 
     result = DemoResult(workdir, accuracy, teacher_seconds, dump_seconds)
