@@ -82,7 +82,8 @@ class CacheBusyError(LogitCacheError, BlockingIOError):
 
 
 class MissingPackageError(LogitCacheError, ImportError):
-    """Reading from a URL needs a package that is not installed (fsspec, or a protocol's own: s3fs, gcsfs...)."""
+    """An optional package is not installed (fsspec or a protocol's own for URLs; matplotlib for figures);
+    the message names the extra to install."""
 
 
 class OutputError(LogitCacheError, OSError):

@@ -38,17 +38,27 @@ def _info_record(path: Path, manifest: Manifest) -> dict[str, Any]:
 @click.command("info")
 @click.argument("cache", type=click.Path(path_type=Path))
 @json_option("Print one JSON object: the manifest plus size figures.")
-def info_command(cache: Path, as_json: bool) -> None:
+@click.option("--plot", "plot", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE.png",
+              help="Also draw what the cache holds to FILE.png: the teacher's top-1 probability and entropy, the top-k mass kept "
+                   "(or distinct drawn ids), labels per class or tokens per sequence. Needs matplotlib: "
+                   "pip install 'logit-cache[plot]'.")
+@click.option("--plot-rows", type=click.IntRange(min=1), default=200_000, show_default=True,
+              help="With --plot: at most this many rows are read (a seeded sample of a larger cache, said on the figure).")
+def info_command(cache: Path, as_json: bool, plot: Path | None, plot_rows: int) -> None:
     """Show what a cache holds: its manifest and its size on disk.
 
-    An unfinished dump (CACHE.partial) is shown too, marked INCOMPLETE.
+    An unfinished dump (CACHE.partial) is shown too, marked INCOMPLETE. With --plot FILE.png, a
+    figure of its contents as well (of a complete cache).
     """
     try:
         path = shown_location(cache)
         manifest = read_manifest(path)
+        drawn = _draw(path, plot, plot_rows) if plot is not None else None
     except LogitCacheError as exc:
         fail(exc)
     record = _info_record(path, manifest)
+    if drawn is not None:
+        record["plot"] = {"path": str(plot), "rows": drawn}
     if as_json:
         click.echo(json.dumps(record, indent=2))
         return
@@ -70,8 +80,16 @@ def info_command(cache: Path, as_json: bool) -> None:
         "  arrays       " + ", ".join(f"{name} {spec['dtype']}{spec['row_shape']}" for name, spec in manifest.arrays.items()),
         f"  on disk      {human_bytes(record['bytes_on_disk'])} ({record['bytes_per_sample']:,.1f} B/sample)",
     ]
+    if drawn is not None:
+        lines.append(f"  plot         {plot} ({drawn})")
     click.echo("\n".join(lines))
 
+
+def _draw(path: Path, out: Path, max_rows: int) -> str:
+    """Draw the cache at ``path`` to ``out``; return which rows the figure's histograms count."""
+    from ..tools.plots import plot_cache
+
+    return plot_cache(path, out, max_rows=max_rows).summary.sample_note
 
 
 @click.command("verify")
