@@ -29,7 +29,7 @@ def ls_command(root: Path | None, as_json: bool) -> None:
     a dump holds their lock).
     """
     try:
-        entries = list_caches(require_root(root))
+        entries = list_caches(require_root(root), progress=not as_json)
     except LogitCacheError as exc:
         fail(exc)
     if as_json:
@@ -132,7 +132,7 @@ def gc_command(root: Path | None, unused_days: float | None, yes: bool) -> None:
     Lists what it would delete and asks first.
     """
     try:
-        candidates = gc_candidates(require_root(root), unused_days)
+        candidates = gc_candidates(require_root(root), unused_days, progress=True)
         _confirm_and_delete([(c.path, c.why, c.delete) for c in candidates], yes)
     except LogitCacheError as exc:
         fail(exc)

@@ -63,18 +63,18 @@ class GcCandidate:
             raise ValueError(f"unknown gc candidate kind {self.kind!r}")
 
 
-
-def gc_candidates(root: Path, unused_days: float | None = None) -> list[GcCandidate]:
+def gc_candidates(root: Path, unused_days: float | None = None, progress: bool = False) -> list[GcCandidate]:
     """What ``gc`` would delete and why: unfinished dumps no one is writing, what interrupted work left
     (tombstones of deletions, ``NAME.replaced-PID``, stale locks, temporary manifests in finished caches)
     and, with ``unused_days``, complete caches whose manifest was not read for that long.
 
     Never a candidate: anything not provably ours (see :func:`logit_cache.writer.why_not_ours`), anything
     whose lock a live writer holds, and a cache whose manifest cannot be read (it may be complete).
+    ``progress``: a bar on stderr (on a terminal) while the root is read, as ``ls`` shows it.
     """
     now = time.time()
     chosen = []
-    for entry in list_caches(root):
+    for entry in list_caches(root, progress=progress):
         if entry.locked or entry.unreadable:
             continue
         if entry.unfinished:

@@ -207,10 +207,19 @@ def _block_rows(spec: ArraySpec, source_dtype: np.dtype, chunk: int) -> int:
     return max(chunk, (BLOCK_BYTES // row_bytes) // chunk * chunk)
 
 
+def source_bytes(m: Manifest) -> int:
+    """The bytes of the source's per-row and per-sample arrays, uncompressed: the progress bar's total."""
+    rows = {"row": m.num_rows, "sample": m.num_samples}
+    return sum(rows.get(str(a.get("per", "row")), 0) * np.dtype(a["dtype"]).itemsize * int(np.prod(a["row_shape"]))
+               for a in m.arrays.values())
+
+
 def _convert_shard(
-    reader: CacheReader, position: int, backend: Backend, work: Path, specs: list[ArraySpec], chunk_rows: int, attrs: dict[str, Any]
+    reader: CacheReader, position: int, backend: Backend, work: Path, specs: list[ArraySpec], chunk_rows: int, attrs: dict[str, Any],
+    bar: tqdm | None = None,
 ) -> ShardEntry:
-    """Copy one shard into ``work`` in the target backend and dtypes; check the source against its checksum."""
+    """Copy one shard into ``work`` in the target backend and dtypes; check the source against its checksum.
+    ``bar`` advances by the bytes read of the arrays :func:`source_bytes` counts."""
     entry = reader.manifest.shards[position]
     source = reader.shard(position)
     expected = {"row": entry.row_stop - entry.row_start, "sample": entry.sample_stop - entry.sample_start}
@@ -241,6 +250,8 @@ def _convert_shard(
             digest = hashlib.sha256() if changes_dtype else None
             offset = 0
             for block in source.blocks(spec.name, _block_rows(spec, source_dtype, writer.chunk_rows[spec.name])):
+                if bar is not None and spec.per in expected:
+                    bar.update(block.nbytes)
                 if digest is not None:
                     digest.update(np.ascontiguousarray(block).tobytes())
                 if block.dtype != target_dtype:
@@ -297,17 +308,18 @@ def _convert_into(work: Path, dst: Path, reader: CacheReader, src: Path, source:
     log.info("converting %s (%s, %s) into %s (%s, %s); written as %s until complete",
              src, source.backend, source.dtype, dst, backend, dtype, work)
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": key}
-    bar = tqdm(total=len(source.shards), unit="shard", desc="convert", disable=True if quiet else None)
+    # in bytes read, not shards: a cache of one large shard still shows how far it got
+    bar = tqdm(total=source_bytes(source), unit="B", unit_scale=True, unit_divisor=1024, desc="convert", disable=True if quiet else None)
     try:
         shards = []
         for position in range(len(source.shards)):
             try:
-                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs))
+                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs, bar))
             except OSError as exc:
                 check_work_intact(work)  # a vanished work directory is the cause to report
                 raise CacheFormatError(f"{work}: writing shard {position} failed ({exc})") from exc
             reader.shard(position).close()  # one open HDF5 handle at a time
-            bar.update(1)
+            bar.set_postfix_str(f"shard {position + 1}/{len(source.shards)}", refresh=False)
         check_work_intact(work, [shard.path for shard in shards])
         manifest = _new_manifest(src, source, backend, dtype, key, precision, specs, shards)
         manifest.dump["converted_from"]["seconds"] = round(time.perf_counter() - started, 3)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
 from ..errors import CacheFormatError, UsageError
 from ..format.manifest import MANIFEST_NAME, Manifest, read_manifest
 from ..format.naming import CACHE_NAME, ROOT_ENV
@@ -25,6 +27,9 @@ from ..io.writer import PARTIAL_SUFFIX, REPLACED_INFIX, is_our_manifest, read_wo
 REPLACED = re.compile(re.escape(REPLACED_INFIX) + r"\d+$")
 #: ``rm`` takes a key prefix of at least this many characters (and only one that names a single key).
 MIN_KEY_PREFIX = 4
+#: The bar over a root's entries (``progress=True``) shows only once the scan has taken this long: a
+#: small root is listed with no flicker, a large one (or one on a slow file system) says how far it got.
+PROGRESS_DELAY = 0.5
 
 
 @dataclass
@@ -112,13 +117,22 @@ def _inspect(path: Path) -> tuple[Manifest | None, str | None, bool, str | None]
     return manifest, None, False, manifest.key
 
 
-def list_caches(root: Path) -> list[CacheEntry]:
+def scan_bar(items: list[Path], root: Path, progress: bool) -> tqdm:
+    """A transient bar on stderr over ``items`` (entries of ``root``): only with ``progress``, only on a
+    terminal (tqdm's ``disable=None``), and only after :data:`PROGRESS_DELAY` seconds."""
+    return tqdm(items, desc=f"reading {root}", unit="dir", leave=False, delay=PROGRESS_DELAY, disable=None if progress else True)
+
+
+def list_caches(root: Path, progress: bool = False) -> list[CacheEntry]:
     """Every cache directory and unfinished dump directly under ``root``, sorted by name.
 
     Only what is ours is listed: a directory with a logit-cache manifest, or a ``.partial`` with our
     marker. Never listed: hidden names (locks, tombstones of deletions), ``NAME.replaced-PID`` (the
     old cache of an interrupted ``--overwrite``), symbolic links, other people's folders. A cache whose
     manifest cannot be read (permissions) is listed as unreadable, never as unfinished.
+
+    Reading every manifest and sizing every directory takes a while on a large root: with ``progress``
+    (``ls`` and ``gc`` on a terminal, never for JSON output) a bar on stderr says how far it got.
     """
     if not root.is_dir():
         raise CacheFormatError(f"cache root {root} does not exist (set --cache-root or {ROOT_ENV})")
@@ -127,7 +141,7 @@ def list_caches(root: Path) -> list[CacheEntry]:
     except OSError as exc:
         raise CacheFormatError(f"cache root {root} cannot be listed ({exc.strerror or exc}); check its permissions") from exc
     entries = []
-    for path in children:
+    for path in scan_bar(children, root, progress):
         if path.name.startswith(".") or REPLACED.search(path.name) or path.is_symlink():
             continue
         try:

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import random
-import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -30,7 +29,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from .. import __version__
 from ..data.cache import LogitCache, open_cache
@@ -45,6 +43,7 @@ from ..teachers.runtime import resolve_device, run_model
 from ..teachers.sources import Teacher, load_teacher
 from .config import OPTIMIZERS, TrainConfig, TrainResult  # noqa: F401  (OPTIMIZERS moved to config.py)
 from .evaluation import evaluate  # noqa: F401  (moved to evaluation.py)
+from .progress import TrainProgress
 from .tasks import task_for
 
 log = logging.getLogger(__name__)
@@ -133,51 +132,54 @@ def train_student(config: TrainConfig) -> TrainResult:
     history: list[dict[str, Any]] = []
     train_seconds = teacher_seconds = 0.0
     step = 0
-    show = not config.quiet and sys.stderr.isatty()
-    for epoch in range(config.epochs):
-        sampler.set_epoch(epoch)
-        student.train()
-        started = time.perf_counter()
-        epoch_teacher = 0.0
-        # summed on the device, in float64: reading a GPU loss back every step would stall the GPU
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        seen = 0
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch", leave=False, disable=not show)
-        for collated in bar:
-            batch = task.batch(collated, data, bool(caches), device)
-            progress = step / total_steps
-            kd = kd_window(progress)
-            if teacher is not None and kd:
-                t0 = time.perf_counter()
-                with torch.inference_mode():
-                    logits = task.teacher_logits(teacher.module, batch)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                epoch_teacher += time.perf_counter() - t0
-                batch.target = logits_targets(logits.clone())  # an ordinary tensor: inference tensors cannot enter autograd
-            # the rows the losses compare: (B, C) for a classifier, the trained positions (N, V) for a language model
-            student_rows, labels, target, rows = task.outputs(run_model(student, batch.inputs), batch, kd)
-            loss = criterion(student_rows, labels) if temperature is None else criterion(student_rows, labels, target, progress=progress)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            step += 1
-            loss_sum += loss.detach().double() * rows
-            seen += rows
-            if show:  # the running loss on the bar costs a device sync: only when a bar is shown
-                bar.set_postfix(loss=f"{float(loss_sum) / max(1, seen):.4f}", refresh=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        teacher_seconds += epoch_teacher
-        record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen), "seconds": seconds,
-                                  "teacher_seconds": epoch_teacher, **task.record(seen)}
-        if eval_data is not None:
-            record.update(task.evaluate(student, eval_data, device, eval_cache))
-        history.append(record)
-        log.info("epoch %d/%d: loss %.4f%s, %.2f s", epoch + 1, config.epochs, record["train_loss"], task.describe(record), seconds)
+    rate_unit = "tokens" if "tokens" in task.record(0) else task.unit  # what the loss averages over
+    # a bar per epoch on a terminal, else one log line per epoch (see .progress); neither when quiet
+    with TrainProgress(config.epochs, rate_unit, config.quiet) as reports:
+        for epoch in range(config.epochs):
+            sampler.set_epoch(epoch)
+            student.train()
+            report = reports.epoch(epoch + 1, len(loader))
+            started = time.perf_counter()
+            epoch_teacher = 0.0
+            # summed on the device, in float64: reading a GPU loss back every step would stall the GPU
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            seen = 0
+            for collated in loader:
+                batch = task.batch(collated, data, bool(caches), device)
+                progress = step / total_steps
+                kd = kd_window(progress)
+                if teacher is not None and kd:
+                    t0 = time.perf_counter()
+                    with torch.inference_mode():
+                        logits = task.teacher_logits(teacher.module, batch)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    epoch_teacher += time.perf_counter() - t0
+                    batch.target = logits_targets(logits.clone())  # an ordinary tensor: inference tensors cannot enter autograd
+                # the rows the losses compare: (B, C) for a classifier, the trained positions (N, V) for a language model
+                student_rows, labels, target, rows = task.outputs(run_model(student, batch.inputs), batch, kd)
+                loss = (criterion(student_rows, labels) if temperature is None
+                        else criterion(student_rows, labels, target, progress=progress))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                schedule.step()
+                step += 1
+                loss_sum += loss.detach().double() * rows
+                seen += rows
+                report.step(loss_sum, seen)  # reads the loss back only when a bar is shown, at most twice a second
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - started
+            train_seconds += seconds
+            teacher_seconds += epoch_teacher
+            record: dict[str, Any] = {"epoch": epoch + 1, "train_loss": float(loss_sum) / max(1, seen), "seconds": seconds,
+                                      "teacher_seconds": epoch_teacher, **task.record(seen)}
+            if eval_data is not None:
+                report.evaluating()
+                record.update(task.evaluate(student, eval_data, device, eval_cache))
+            history.append(record)
+            report.finish(record, task.describe(record), seen, log)
 
     return save_student(config, student, history, train_seconds, teacher_seconds, temperature, caches, teacher, device)
 
