@@ -38,6 +38,11 @@ CURVES = (
 )
 
 
+def require_matplotlib() -> None:
+    """Fail before long work (a training run, the demo) that ends in a figure, not after it."""
+    _figure()
+
+
 def _figure() -> Any:
     """A new Figure on an Agg canvas; MissingPackageError naming the extra without matplotlib."""
     try:
