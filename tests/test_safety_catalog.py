@@ -286,7 +286,7 @@ def test_gc_during_a_convert_leaves_its_partial_alone(tmp_path: Path, many_shard
     root = tmp_path / "root"
     root.mkdir()
     dst = root / "converted--float32"
-    real = convert_module._convert_shard
+    real = convert_module.convert_shard
     seen = {}
 
     def meanwhile(reader, position, *args, **kwargs):
@@ -296,7 +296,7 @@ def test_gc_during_a_convert_leaves_its_partial_alone(tmp_path: Path, many_shard
             seen["partial"] = partial_path(dst).is_dir()
         return real(reader, position, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "_convert_shard", meanwhile)
+    monkeypatch.setattr(convert_module, "convert_shard", meanwhile)
     result = convert(many_shards, dst, dtype="float32", quiet=True)
     assert seen["partial"] and "nothing to delete" in seen["gc"], seen
     assert "being written by pid" in seen["rm"] and "not deleting" in seen["rm"], seen
@@ -306,14 +306,14 @@ def test_gc_during_a_convert_leaves_its_partial_alone(tmp_path: Path, many_shard
 
 def test_a_convert_whose_partial_vanished_fails_loudly(tmp_path: Path, many_shards: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     dst = tmp_path / "converted"
-    real = convert_module._convert_shard
+    real = convert_module.convert_shard
 
     def vanish(reader, position, *args, **kwargs):
         if position == 3:  # deleted by another process (an older gc, a user)
             shutil.rmtree(partial_path(dst))
         return real(reader, position, *args, **kwargs)
 
-    monkeypatch.setattr(convert_module, "_convert_shard", vanish)
+    monkeypatch.setattr(convert_module, "convert_shard", vanish)
     line = one_line_error(invoke("convert", many_shards, dst, "--dtype", "float32", "--quiet"), str(partial_path(dst)))
     assert "while it was being written" in line or "vanished" in line
     assert not dst.exists() and not partial_path(dst).exists() and not lock_path(dst).exists()

@@ -13,7 +13,7 @@ leave its ``DST.partial`` alone, and if that directory vanishes anyway (deleted 
 with a message instead of putting a broken cache in place.
 
 Reading is shard by shard and, within a shard, array by array in blocks of whole chunks of about
-``BLOCK_BYTES``, so memory stays flat whatever the shard size.
+``convert_shard.BLOCK_BYTES``, so memory stays flat whatever the shard size.
 
 Integrity: the source's content is checked against its manifest's shard checksums on the way
 (checksums are over the stored bytes, independent of the backend, so when the dtype is unchanged
@@ -38,7 +38,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as _dt
-import hashlib
 import logging
 import time
 from dataclasses import dataclass
@@ -53,7 +52,6 @@ from ..errors import (
     CacheFormatError,
     CorruptShardError,
     IncompleteCacheError,
-    NonFiniteLogitsError,
     OutputExistsError,
     UsageError,
 )
@@ -65,18 +63,15 @@ from ..io.locks import writer_lock
 from ..io.lookup import directory_bytes
 from ..io.reader import CacheReader, open_reader
 from ..io.writer import check_work_intact, discard_dir, move_into_place, refuse_unless_ours, write_work_marker
-from ..store import BACKENDS, ArraySpec, Backend, ShardReader, combine_checksum, get_backend
+from ..store import BACKENDS, ArraySpec, Backend, ShardReader, get_backend
 from ..targets import KINDS, VALUE_DTYPES, get_kind
+from .convert_shard import convert_shard, source_bytes
 
 log = logging.getLogger(__name__)
 
 #: Arrays holding logit values, of the kinds registered at import (each kind's ``value_arrays``): the
 #: only ones whose dtype ``--dtype`` changes. Convert asks the source's kind; this is for old callers.
 VALUE_ARRAYS = tuple(dict.fromkeys(name for kind in KINDS.values() for name in kind.value_arrays))
-#: About this many bytes of one array are read (and written) per block.
-BLOCK_BYTES = 32 << 20
-#: How many offending rows an overflow error lists.
-SHOWN_ROWS = 20
 
 
 @dataclass
@@ -97,11 +92,6 @@ def _key_dtype(dtype: str, precision: str) -> str:
     return dtype if dtype == precision else f"{dtype} rounded to {precision}"
 
 
-def _key(manifest: Manifest, dtype_field: str) -> str:
-    """The key of ``manifest``'s content with ``dtype_field`` as its dtype field (the one key rule)."""
-    return manifest_key(manifest, dtype=dtype_field)
-
-
 def _itemsize(dtype: str) -> int:
     return np.dtype(dtype).itemsize
 
@@ -109,10 +99,11 @@ def _itemsize(dtype: str) -> int:
 def source_precision(manifest: Manifest) -> str | None:
     """The narrowest dtype the source's values went through (its key says), or None if its key
     cannot be recomputed from its manifest (another fingerprint version, a hand-edited manifest)."""
-    if _key(manifest, manifest.dtype) == manifest.key:
+    if manifest_key(manifest, dtype=manifest.dtype) == manifest.key:
         return manifest.dtype
     for precision in VALUE_DTYPES:
-        if _itemsize(precision) < _itemsize(manifest.dtype) and _key(manifest, _key_dtype(manifest.dtype, precision)) == manifest.key:
+        narrower = _itemsize(precision) < _itemsize(manifest.dtype)
+        if narrower and manifest_key(manifest, dtype=_key_dtype(manifest.dtype, precision)) == manifest.key:
             return precision
     return None
 
@@ -182,100 +173,6 @@ def _target_specs(source: Manifest, first_shard: ShardReader, dtype: str) -> lis
     return specs
 
 
-def _cast(block: np.ndarray, dtype: np.dtype, first_row: int, views: int, src: Path) -> np.ndarray:
-    """``block`` in ``dtype`` (round to nearest even); narrowing refuses finite values that do not fit."""
-    with np.errstate(over="ignore"):  # overflow is reported below, by row
-        out = block.astype(dtype)
-    if dtype.itemsize < block.dtype.itemsize:
-        overflow = (np.isinf(out) & np.isfinite(block)).reshape(len(block), -1).any(axis=1)
-        if overflow.any():
-            rows = (np.flatnonzero(overflow) + first_row).tolist()
-            shown = ", ".join(map(str, rows[:SHOWN_ROWS])) + (f" and {len(rows) - SHOWN_ROWS} more" if len(rows) > SHOWN_ROWS else "")
-            where = f"rows {shown}"
-            if views > 1:
-                where += f" (dataset indices {', '.join(str(i) for i in sorted({r // views for r in rows[:SHOWN_ROWS]}))})"
-            limit = float(np.finfo(dtype).max)
-            raise NonFiniteLogitsError(
-                f"{src}: {where} hold logits beyond {dtype.name}'s range (|logit| > {limit:g}), which {dtype.name} cannot store; "
-                f"keep them in {block.dtype.name} (convert without --dtype {dtype.name})"
-            )
-    return out
-
-
-def _block_rows(spec: ArraySpec, source_dtype: np.dtype, chunk: int) -> int:
-    row_bytes = max(spec.row_bytes, source_dtype.itemsize * int(np.prod(spec.row_shape, dtype=np.int64)), 1)
-    return max(chunk, (BLOCK_BYTES // row_bytes) // chunk * chunk)
-
-
-def source_bytes(m: Manifest) -> int:
-    """The bytes of the source's per-row and per-sample arrays, uncompressed: the progress bar's total."""
-    rows = {"row": m.num_rows, "sample": m.num_samples}
-    return sum(rows.get(str(a.get("per", "row")), 0) * np.dtype(a["dtype"]).itemsize * int(np.prod(a["row_shape"]))
-               for a in m.arrays.values())
-
-
-def _convert_shard(
-    reader: CacheReader, position: int, backend: Backend, work: Path, specs: list[ArraySpec], chunk_rows: int, attrs: dict[str, Any],
-    bar: tqdm | None = None,
-) -> ShardEntry:
-    """Copy one shard into ``work`` in the target backend and dtypes; check the source against its checksum.
-    ``bar`` advances by the bytes read of the arrays :func:`source_bytes` counts."""
-    entry = reader.manifest.shards[position]
-    source = reader.shard(position)
-    expected = {"row": entry.row_stop - entry.row_start, "sample": entry.sample_stop - entry.sample_start}
-    rows = {}
-    for spec in specs:
-        info = reader.manifest.arrays[spec.name]
-        shape = source.shape(spec.name)
-        if source.dtype(spec.name) != np.dtype(info["dtype"]) or shape[1:] != tuple(info["row_shape"]):
-            raise CorruptShardError(
-                f"{source.path}: array {spec.name!r} is {source.dtype(spec.name)} {shape}, the manifest says "
-                f"{info['dtype']} rows of {tuple(info['row_shape'])}; the shard is damaged"
-            )
-        want = expected.get(spec.per)
-        if want is not None and shape[0] != want:
-            raise CorruptShardError(
-                f"{source.path}: array {spec.name!r} has {shape[0]} rows, the manifest says {want}; the shard is truncated"
-            )
-        rows[spec.name] = shape[0]
-    changes_dtype = any(source.dtype(spec.name) != np.dtype(spec.dtype) for spec in specs)
-    name = backend.shard_name(position)
-    writer = backend.create(work / name, specs, chunk_rows, {**attrs, "shard_index": position, "row_start": entry.row_start,
-                                                             "sample_start": entry.sample_start}, rows)
-    source_parts: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    try:
-        for spec in specs:
-            source_dtype = source.dtype(spec.name)
-            target_dtype = np.dtype(spec.dtype)
-            digest = hashlib.sha256() if changes_dtype else None
-            offset = 0
-            for block in source.blocks(spec.name, _block_rows(spec, source_dtype, writer.chunk_rows[spec.name])):
-                if bar is not None and spec.per in expected:
-                    bar.update(block.nbytes)
-                if digest is not None:
-                    digest.update(np.ascontiguousarray(block).tobytes())
-                if block.dtype != target_dtype:
-                    block = _cast(block, target_dtype, entry.row_start + offset, reader.manifest.views, reader.path)
-                writer.append({spec.name: block})
-                offset += len(block)
-            if digest is not None:
-                source_parts[spec.name] = (source_dtype.name, source.shape(spec.name), digest.hexdigest())
-    except BaseException:
-        try:
-            writer.close()
-        except Exception:  # the work directory is removed anyway
-            pass
-        raise
-    checksum = writer.close()
-    source_checksum = combine_checksum(source_parts) if changes_dtype else checksum
-    if source_checksum != entry.checksum:
-        raise CorruptShardError(
-            f"{source.path}: its content (checksum {source_checksum}) does not match the manifest's {entry.checksum}; "
-            f"the source cache is damaged: re-dump it rather than convert it"
-        )
-    return ShardEntry(name, entry.row_start, entry.row_stop, entry.sample_start, entry.sample_stop, checksum)
-
-
 def _new_manifest(src: Path, source: Manifest, backend: str, dtype: str, key: str, precision: str,
                   specs: list[ArraySpec], shards: list[ShardEntry]) -> Manifest:
     manifest = copy.deepcopy(source)
@@ -314,7 +211,7 @@ def _convert_into(work: Path, dst: Path, reader: CacheReader, src: Path, source:
         shards = []
         for position in range(len(source.shards)):
             try:
-                shards.append(_convert_shard(reader, position, target, work, specs, chunk_rows, attrs, bar))
+                shards.append(convert_shard(reader, position, target, work, specs, chunk_rows, attrs, bar))
             except OSError as exc:
                 check_work_intact(work)  # a vanished work directory is the cause to report
                 raise CacheFormatError(f"{work}: writing shard {position} failed ({exc})") from exc
@@ -391,7 +288,7 @@ def convert(
             )
         else:
             precision = min(precision, dtype, key=_itemsize)
-            key = _key(source, _key_dtype(dtype, precision))
+            key = manifest_key(source, dtype=_key_dtype(dtype, precision))
 
         work = partial_path(dst)
         _check_destination(dst, work, overwrite, key, backend)
