@@ -18,6 +18,11 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 
+def decoded_row_bytes(row_shapes: dict[str, tuple[int, ...]], dtypes: dict[str, np.dtype]) -> int:
+    """Bytes of one row of every array named in ``row_shapes``, decoded."""
+    return sum(dtypes[n].itemsize * int(np.prod(row_shapes[n], dtype=np.int64)) for n in row_shapes)
+
+
 class ChunkCache:
     """Decoded chunks of one cache's arrays, at most ``slots`` of them (least recently used goes first).
 
@@ -31,8 +36,7 @@ class ChunkCache:
         self.chunk_starts, self.chunk_rows = chunk_starts, int(chunk_rows)
         self.row_shapes, self.dtypes, self.where = row_shapes, dtypes, where
         num_chunks = len(chunk_starts) - 1
-        row_bytes = sum(dtypes[n].itemsize * int(np.prod(row_shapes[n], dtype=np.int64)) for n in row_shapes)
-        self.slots = max(2, min(num_chunks, int(capacity_bytes) // max(1, self.chunk_rows * row_bytes)))
+        self.slots = max(2, min(num_chunks, int(capacity_bytes) // max(1, self.chunk_rows * decoded_row_bytes(row_shapes, dtypes))))
         self.slab: dict[str, np.ndarray] | None = None  # allocated on first use
         self.slot_of_chunk = np.full(num_chunks, -1, dtype=np.int64)
         self.chunk_in_slot = np.full(self.slots, -1, dtype=np.int64)

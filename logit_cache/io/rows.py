@@ -32,7 +32,7 @@ from ..errors import CorruptShardError, TargetMismatchError, UsageError
 from ..targets import KINDS
 from ..targets.batch import Targets
 from ..targets.compact import ENCODINGS, decode_arrays
-from .chunk_cache import ChunkCache
+from .chunk_cache import ChunkCache, decoded_row_bytes
 from .reader import CacheReader
 
 #: Caches whose target arrays decode to at most this many bytes are held in memory by default.
@@ -101,7 +101,7 @@ class TargetReader(CacheReader):
 
     @property
     def row_bytes(self) -> int:
-        return sum(self._dtypes[n].itemsize * int(np.prod(self._row_shapes[n], dtype=np.int64)) for n in self.names)
+        return decoded_row_bytes(self._row_shapes, self._dtypes)
 
     @property
     def nbytes(self) -> int:
