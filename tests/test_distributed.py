@@ -211,3 +211,63 @@ def test_torchrun_per_token_sampled_dump_equals_single_process(tmp_path: Path) -
     got, want = (json.loads((tmp_path / d / "manifest.json").read_text()) for d in ("ranks", "single"))
     assert got["dump"]["world_size"] == 2 and got["per_token"] is True and len(got["shards"]) > 2
     assert got["key"] == want["key"] and got["shards"] == want["shards"]  # same ranges and checksums
+
+
+#: Each rank reads the cache through ``cache.wrap`` + ``cache.sampler()`` + a DataLoader (2 workers), for
+#: two epochs, and records the dataset indices it was served (the inputs are the indices) and the
+#: cached top-k row each came with; rank 0 writes them all.
+SERVE = textwrap.dedent('''
+    import json, sys
+    import torch, torch.distributed as dist
+    from torch.utils.data import DataLoader, TensorDataset
+    from logit_cache import open_cache
+
+    dist.init_process_group("gloo")
+    cache = open_cache(sys.argv[1])
+    indices = TensorDataset(torch.arange(cache.num_samples), torch.zeros(cache.num_samples, dtype=torch.long))
+    sampler = cache.sampler(shuffle=True, seed=3)  # ranks from torch.distributed
+    loader = DataLoader(cache.wrap(indices, verify="length"), batch_size=32, sampler=sampler, collate_fn=cache.collate,
+                        num_workers=2, multiprocessing_context="fork")
+    served = {}
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        served[epoch] = [[int(i), row.tolist()] for inputs, _, target in loader for i, row in zip(inputs, target.values.float())]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, {"rank": dist.get_rank(), "served": served})
+    if dist.get_rank() == 0:
+        json.dump(everyone, open(sys.argv[2], "w"))
+    dist.destroy_process_group()
+''')
+
+
+@pytest.mark.parametrize("num_samples", [300, 301])
+def test_torchrun_ranks_are_served_every_sample_once_per_epoch(tmp_path: Path, teacher: Path, num_samples: int) -> None:
+    """The loading side under DDP: across 2 gloo ranks each epoch serves every sample once (an odd count is
+    padded with the start of the epoch's order, like DistributedSampler), each with its own cached row."""
+    from logit_cache import DumpConfig, dump_cache
+
+    cache = tmp_path / "cache"
+    dump_cache(DumpConfig(teacher=str(teacher), arch="logit_cache.models:digits_mlp", arch_kwargs={"hidden": 32},
+                          dataset=spec("random_images"), dataset_kwargs={"n": num_samples}, shard_rows=64, k=5,
+                          device="cpu", quiet=True, out=str(cache)))
+    script = tmp_path / "serve.py"
+    script.write_text(SERVE)
+    code, _, stderr = finish(torchrun([str(script), str(cache), str(tmp_path / "served.json")]))
+    assert code == 0, stderr
+    ranks = json.loads((tmp_path / "served.json").read_text())
+    with open_reader(cache) as reader:
+        rows = reader.read("topk_logits").astype(np.float32)
+    orders = []
+    for epoch in ("0", "1"):
+        per_rank = [[index for index, _ in rank["served"][epoch]] for rank in ranks]
+        assert len(per_rank[0]) == len(per_rank[1]) == (num_samples + 1) // 2  # equal shares
+        everything = per_rank[0] + per_rank[1]
+        counts = np.bincount(everything, minlength=num_samples)
+        assert counts.min() == 1, f"epoch {epoch}: samples never served: {np.flatnonzero(counts == 0)[:10]}"
+        assert counts.sum() - num_samples == len(everything) - num_samples == num_samples % 2  # only the padding repeats
+        assert counts.max() == 1 + num_samples % 2
+        for rank in ranks:
+            for index, row in rank["served"][epoch]:
+                assert np.array_equal(np.asarray(row, dtype=np.float32), rows[index]), f"sample {index} came with another row"
+        orders.append(everything)
+    assert orders[0] != orders[1], "set_epoch did not change the order"
