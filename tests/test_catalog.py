@@ -185,3 +185,21 @@ def test_names_under_a_root_come_from_the_target_kind(tmp_path: Path) -> None:
     assert find_by_key(tmp_path, key, "zarr") is None  # hidden, unfinished or of another backend: not it
     (tmp_path / name).mkdir()
     assert find_by_key(tmp_path, key, "zarr") == tmp_path / name
+
+
+def test_gc_does_not_count_its_own_read_of_a_manifest_as_a_use(tmp_path: Path, teacher: Path) -> None:
+    """On a relatime (or strictatime) mount the first read of a manifest since it was written, or a day
+    after its last read, moves its access time; ``ls``/``gc`` read every manifest, so without care a cache
+    nobody read for months would look just used to the very gc deciding whether to delete it."""
+    from logit_cache.tools.cleanup import gc_candidates
+    from logit_cache.tools.listing import list_caches
+
+    root = tmp_path / "root"
+    result = root_dump(root, teacher)
+    manifest = result.out / "manifest.json"
+    month_ago = time.time() - 30 * 86400
+    os.utime(manifest, (month_ago, month_ago - 86400))  # last read a month ago, written the day before
+    (entry,) = list_caches(root)
+    assert abs(entry.last_access() - month_ago) < 1
+    assert [c.path for c in gc_candidates(root, unused_days=7)] == [result.out]
+    assert gc_candidates(root, unused_days=60) == []

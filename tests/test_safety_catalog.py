@@ -41,6 +41,7 @@ from logit_cache.convert import convert
 from logit_cache.errors import CacheBusyError, CacheFormatError, OutputExistsError
 from logit_cache.manifest import write_json_atomic
 from logit_cache.store import BACKENDS
+from logit_cache.tools import listing as listing_module
 from logit_cache.writer import WORK_MARKER, check_output, partial_path, write_work_marker
 
 NOBODY = 65534
@@ -135,6 +136,7 @@ def test_an_unreadable_manifest_is_never_unfinished(tmp_path: Path, teacher: Pat
 
     monkeypatch.setattr(Path, "read_bytes", refuse(Path.read_bytes))
     monkeypatch.setattr(Path, "read_text", refuse(Path.read_text))
+    monkeypatch.setattr(listing_module, "_read_untouched", refuse(listing_module._read_untouched))  # how ls and gc read it
     assert gc_candidates(tmp_path) == [] and gc_candidates(tmp_path, unused_days=0) == []
     (entry,) = list_caches(tmp_path)
     assert entry.unreadable and not entry.complete and "Permission denied" in entry.error

@@ -7,6 +7,7 @@ for deleting.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import CacheFormatError, UsageError
-from ..format.manifest import MANIFEST_NAME, Manifest, read_manifest
+from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.naming import CACHE_NAME, ROOT_ENV
 from ..io.locks import is_locked
 from ..io.lookup import directory_bytes
@@ -46,6 +47,8 @@ class CacheEntry:
     unreadable: bool = False
     #: The key, when there is no valid manifest to say it (an unfinished dump's marker).
     key_hint: str | None = None
+    #: The manifest's access time (0 when it has none); listing reads it without moving it where it can.
+    accessed: float = 0.0
 
     @property
     def key(self) -> str:
@@ -57,10 +60,7 @@ class CacheEntry:
         return self.path.name.endswith(PARTIAL_SUFFIX)
 
     def last_access(self) -> float:
-        try:
-            return (self.path / MANIFEST_NAME).stat().st_atime
-        except OSError:
-            return 0.0
+        return self.accessed
 
     def to_json(self) -> dict[str, Any]:
         m = self.manifest
@@ -86,13 +86,26 @@ def finished_dir(path: Path) -> Path:
     return path.with_name(name)
 
 
+def _read_untouched(path: Path) -> bytes:
+    """The file's bytes, read without moving its access time where the system allows it (O_NOATIME, for
+    files we own): listing is not using a cache, and ``gc --unused-days`` judges use by that time."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOATIME", 0))
+    except PermissionError as exc:
+        if exc.errno != errno.EPERM:  # EACCES: not readable at all
+            raise
+        fd = os.open(path, os.O_RDONLY)  # EPERM: O_NOATIME is only for the file's owner
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
 def _inspect(path: Path) -> tuple[Manifest | None, str | None, bool, str | None] | None:
     """(manifest, error, unreadable, key) of a directory under a root, or None when it is not ours (no
     logit-cache manifest and no marker of our unfinished work). Never raises for what it finds."""
     marker = read_work_marker(path) if path.name.endswith(PARTIAL_SUFFIX) else None
     marker_key = str(marker["key"]) if marker and marker.get("key") else None
     try:
-        raw = (path / MANIFEST_NAME).read_bytes()
+        raw = _read_untouched(path / MANIFEST_NAME)
     except FileNotFoundError:
         return (None, None, False, marker_key) if marker is not None else None
     except (PermissionError, IsADirectoryError) as exc:
@@ -111,7 +124,7 @@ def _inspect(path: Path) -> tuple[Manifest | None, str | None, bool, str | None]
         return None, f"{path / MANIFEST_NAME}: not a logit-cache manifest", False, marker_key
     key = data.get("key") if isinstance(data.get("key"), str) else marker_key
     try:
-        manifest = read_manifest(path)
+        manifest = Manifest.from_dict(data, str(path / MANIFEST_NAME))  # validated as read_manifest does, not read again
     except CacheFormatError as exc:
         return None, str(exc), False, key
     return manifest, None, False, manifest.key
@@ -121,6 +134,13 @@ def scan_bar(items: list[Path], root: Path, progress: bool) -> tqdm:
     """A transient bar on stderr over ``items`` (entries of ``root``): only with ``progress``, only on a
     terminal (tqdm's ``disable=None``), and only after :data:`PROGRESS_DELAY` seconds."""
     return tqdm(items, desc=f"reading {root}", unit="dir", leave=False, delay=PROGRESS_DELAY, disable=None if progress else True)
+
+
+def _access_time(path: Path) -> float:
+    try:
+        return (path / MANIFEST_NAME).stat().st_atime
+    except OSError:
+        return 0.0
 
 
 def list_caches(root: Path, progress: bool = False) -> list[CacheEntry]:
@@ -155,7 +175,7 @@ def list_caches(root: Path, progress: bool = False) -> list[CacheEntry]:
         manifest, error, unreadable, key = found
         complete = bool(manifest and manifest.complete and not path.name.endswith(PARTIAL_SUFFIX))
         entries.append(CacheEntry(path, manifest, complete, directory_bytes(path), is_locked(finished_dir(path)), error,
-                                  unreadable, key))
+                                  unreadable, key, _access_time(path)))
     return entries
 
 
