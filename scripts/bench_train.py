@@ -29,10 +29,13 @@ What is timed:
    each time), interleaved per repeat so that drift in machine load hits all variants alike:
    ``labels`` (CE only, a plain DataLoader over the dataset with a ``ChunkShuffleSampler``),
    ``cached`` for each cache (a DataLoader over ``cache.wrap(ds)`` with ``cache.sampler(shuffle=True,
-   seed=0)`` and ``cache.collate``; loss ``0.1 * CE + 0.9 * kd_loss(student, target, T=4)``; caches
+   seed=0)`` and ``cache.collate``; loss ``DistillationLoss(KLDivergence(4.0), 0.9, 0.1)``, the
+   trainer's, which fuses its CE and KD terms into one pass; caches
    opened with the default ``in_memory=None``, which holds these small caches in memory), the top-k
-   zarr cache read from disk (``in_memory=False``), with 2 workers, and with CE alone (the cache is
-   read but its targets unused: the data path's share of the overhead), and ``online`` (the teacher
+   zarr cache read from disk (``in_memory=False``), with 2 workers, with CE alone (the cache is
+   read but its targets unused: the data path's share of the overhead), with the loss unfused
+   (``0.1 * cross_entropy + 0.9 * kd_loss``: the loss before the fused pass, for a before/after in
+   one run), and ``online`` (the teacher
    on every batch, the same loss with its logits as target). Opening and wrapping (fingerprint check,
    loading) happen before the clock starts and are reported as ``setup s``; an epoch with workers
    includes starting them. ``data s`` is the time the loop waited on the loader (starting workers
@@ -72,7 +75,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from logit_cache import ChunkShuffleSampler, DumpConfig, LogitCache, Targets, dump_cache, kd_loss, open_cache
+from logit_cache import (
+    ChunkShuffleSampler,
+    DistillationLoss,
+    DumpConfig,
+    KLDivergence,
+    LogitCache,
+    Targets,
+    dump_cache,
+    kd_loss,
+    open_cache,
+)
 from logit_cache.store import BACKENDS
 from logit_cache.targets import index_dtype
 from logit_cache.tools import digits_mlp
@@ -101,6 +114,11 @@ GOALS = {
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
+
+
+def distillation_loss() -> DistillationLoss:
+    """The trainer's loss: ``KD_WEIGHT * KL_T + CE_WEIGHT * CE`` (fused into one pass for one teacher)."""
+    return DistillationLoss(KLDivergence(TEMPERATURE), kd_loss_weight=KD_WEIGHT, org_loss_weight=CE_WEIGHT)
 
 
 def synchronize(device: torch.device) -> None:
@@ -160,11 +178,16 @@ def time_cost_model(teacher: nn.Module, student: nn.Module, ds: SyntheticDataset
     student = copy.deepcopy(student).to(device)
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
 
-    def student_step(target: Targets | None = None) -> None:
+    criterion = distillation_loss()
+
+    def student_step(target: Targets | None = None, fused: bool = True) -> None:
         out = student(inputs)
-        loss = F.cross_entropy(out, labels)
-        if target is not None:
-            loss = CE_WEIGHT * loss + KD_WEIGHT * kd_loss(out, target, temperature=TEMPERATURE)
+        if target is None:
+            loss = F.cross_entropy(out, labels)
+        elif fused:  # the trainer's loss: CE and KD in one pass (losses/fused.py)
+            loss = criterion(out, labels, target)
+        else:  # the two public functions, summed: what DistillationLoss did before the fused pass
+            loss = CE_WEIGHT * F.cross_entropy(out, labels) + KD_WEIGHT * kd_loss(out, target, temperature=TEMPERATURE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -178,6 +201,8 @@ def time_cost_model(teacher: nn.Module, student: nn.Module, ds: SyntheticDataset
         "teacher_forward": teacher_forward,
         "student_step_kd_topk": lambda: student_step(topk),
         "student_step_kd_full": lambda: student_step(full),
+        "student_step_kd_topk_unfused": lambda: student_step(topk, fused=False),
+        "student_step_kd_full_unfused": lambda: student_step(full, fused=False),
     }
     for fn in fns.values():
         fn()
@@ -205,14 +230,15 @@ class EpochVariant:
     """One way of training an epoch: what loader it builds and what loss it takes."""
 
     def __init__(self, name: str, kind: str, backend: str | None = None, mode: str | None = None, path: Path | None = None,
-                 in_memory: bool | None = None, workers: int = 0, kd: bool = True) -> None:
+                 in_memory: bool | None = None, workers: int = 0, kd: bool = True, fused: bool = True) -> None:
         self.name, self.kind, self.backend, self.mode, self.path = name, kind, backend, mode, path
         self.in_memory, self.workers = in_memory, workers
         self.kd = kd and kind != "labels"  # False: read the cache but train on CE alone (the data path's cost)
+        self.fused = fused  # False: kd_loss + cross_entropy summed, the loss before losses/fused.py
 
     def describe(self) -> dict[str, Any]:
         return {"variant": self.name, "kind": self.kind, "backend": self.backend, "mode": self.mode,
-                "in_memory": self.in_memory, "workers": self.workers, "kd": self.kd}
+                "in_memory": self.in_memory, "workers": self.workers, "kd": self.kd, "fused": self.fused}
 
 
 def make_epoch_loader(variant: EpochVariant, ds: SyntheticDataset, batch_size: int,
@@ -234,6 +260,7 @@ def run_epoch(variant: EpochVariant, loader: DataLoader, student: nn.Module, tea
     """Train ``student`` (in place) for one pass of ``loader``; returns steps, data-wait seconds and the last loss."""
     device = next(student.parameters()).device
     optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+    criterion = distillation_loss()
     steps, loss = 0, None
     started = time.perf_counter()
     iterator = iter(loader)  # starts workers, if any: counted as waiting on data
@@ -251,13 +278,15 @@ def run_epoch(variant: EpochVariant, loader: DataLoader, student: nn.Module, tea
             inputs, labels = batch
         inputs, labels = inputs.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         logits = student(inputs)
-        loss = F.cross_entropy(logits, labels)
-        if variant.kind == "cached" and variant.kd:
-            loss = CE_WEIGHT * loss + KD_WEIGHT * kd_loss(logits, target, temperature=TEMPERATURE)
-        elif variant.kind == "online":
+        if variant.kind == "online":
             with torch.inference_mode():
-                teacher_logits = teacher(inputs)
-            loss = CE_WEIGHT * loss + KD_WEIGHT * kd_loss(logits, teacher_logits, temperature=TEMPERATURE)
+                target = teacher(inputs).clone()  # an ordinary tensor, as the trainer passes it
+        if variant.kind == "labels" or not variant.kd:
+            loss = F.cross_entropy(logits, labels)
+        elif variant.fused:
+            loss = criterion(logits, labels, target)
+        else:
+            loss = CE_WEIGHT * F.cross_entropy(logits, labels) + KD_WEIGHT * kd_loss(logits, target, temperature=TEMPERATURE)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -601,6 +630,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         variants.append(EpochVariant(f"cached {first} topk disk", "cached", first, "topk", paths[(first, "topk")], in_memory=False))
         variants.append(EpochVariant(f"cached {first} topk w2", "cached", first, "topk", paths[(first, "topk")], workers=2))
         variants.append(EpochVariant(f"cached {first} topk, CE only", "cached", first, "topk", paths[(first, "topk")], kd=False))
+        for mode in ALL_MODES:  # the loss before the fused pass, in the same run: the before/after of that lever
+            variants.append(EpochVariant(f"cached {first} {mode}, unfused", "cached", first, mode, paths[(first, mode)], fused=False))
         variants.append(EpochVariant("online", "online"))
         warm = 3 if args.quick else 10
         for variant in variants:  # warm-up: kernels, allocator, imports, page cache, worker start
@@ -656,7 +687,9 @@ def print_report(report: dict[str, Any]) -> None:
     base = cost["student_step_ms"]
     print(f"student step with the KD loss (fixed target): top-{config['k']} {cost['student_step_kd_topk_ms']:.2f} ms "
           f"({cost['student_step_kd_topk_ms'] / base:.3f}x the CE step), full {cost['student_step_kd_full_ms']:.2f} ms "
-          f"({cost['student_step_kd_full_ms'] / base:.3f}x)")
+          f"({cost['student_step_kd_full_ms'] / base:.3f}x); unfused (kd_loss + cross_entropy): top-{config['k']} "
+          f"{cost['student_step_kd_topk_unfused_ms']:.2f} ms ({cost['student_step_kd_topk_unfused_ms'] / base:.3f}x), full "
+          f"{cost['student_step_kd_full_unfused_ms']:.2f} ms ({cost['student_step_kd_full_unfused_ms'] / base:.3f}x)")
     print("dumps: " + ", ".join(f"{d['backend']} {d['mode']} {d['wall_s']:.1f} s ({d['bytes_on_disk'] / config['samples']:.1f} B/sample, "
                                 f"chunks of {d['chunk_rows']} rows)" for d in report["dumps"]))
     if "epochs" in report:
@@ -673,7 +706,7 @@ def print_report(report: dict[str, Any]) -> None:
 def goal_lines(report: dict[str, Any]) -> list[str]:
     lines = []
     for row in report.get("epochs", {}).get("summary", []):
-        if row["kind"] != "cached" or not row["kd"] or row["workers"] or row["in_memory"] is False:
+        if row["kind"] != "cached" or not row["kd"] or row["workers"] or not row.get("fused", True):
             continue
         over, online = row["over_labels"], row.get("online_over_this")
         lines.append(f"{row['variant']}: cached/labels {over:.3f} <= 1.10 {verdict(over <= GOALS['cached_over_labels'])}"

@@ -40,14 +40,14 @@ from ..errors import TargetMismatchError, UsageError
 from ..targets import KINDS
 from ..targets.batch import LOG_MASS_FLOOR, Targets, topk_log_probs
 from ..targets.full import KIND as FULL_LOGITS
+from .fused import DENSE as _DENSE  # what _check returns for dense targets: no tail to choose
+from .fused import fused_distillation_loss
 
 TAILS = ("rest", "renormalize", "ignore")
 #: Composer's and most recipes' default distillation temperature.
 DEFAULT_TEMPERATURE = 4.0
 
 TargetLike = Targets | torch.Tensor
-#: What :func:`_check` returns for dense targets: no tail to choose.
-_DENSE = "dense"
 
 
 def logits_targets(logits: torch.Tensor) -> Targets:
@@ -332,9 +332,36 @@ class DistillationLoss(nn.Module):
             if labels is None:
                 raise UsageError("outside the KD window the loss is the ground-truth loss, which needs labels")
             return self.ce_loss(student_logits, labels)
+        fused = self._fused(student_logits, labels, target)
+        if fused is not None:
+            return fused
         loss = self.kd_loss_weight * self.kd(student_logits, target)
         if self.org_loss_weight:
             if labels is None:
                 raise UsageError("org_loss_weight > 0 needs labels; set org_loss_weight=0 for unlabeled data")
             loss = loss + self.org_loss_weight * self.ce_loss(student_logits, labels)
         return loss
+
+    def _fused(self, student_logits: torch.Tensor, labels: torch.Tensor | None, target: TargetLike | Sequence[TargetLike]
+               ) -> torch.Tensor | None:
+        """Both terms in one pass (:mod:`.fused`) when they are exactly our default KL and plain
+        mean cross-entropy against one teacher; None when anything else is asked for."""
+        kd, ce = self.kd, self.ce_loss
+        if type(kd) is not KLDivergence or type(ce) is not nn.CrossEntropyLoss or not torch.is_grad_enabled():
+            return None
+        if ce.weight is not None or ce.label_smoothing or ce.reduction != "mean" or student_logits.dim() != 2:
+            return None
+        if isinstance(target, (list, tuple)):
+            if len(target) != 1:
+                return None
+            (target,) = target
+        if self.org_loss_weight and labels is None:
+            raise UsageError("org_loss_weight > 0 needs labels; set org_loss_weight=0 for unlabeled data")
+        if kd.temperature <= 0:
+            raise UsageError(f"temperature must be positive, got {kd.temperature}")
+        single = _as_targets(target, student_logits.device)
+        tail = _check(student_logits, single, kd.tail)
+        if tail == "renormalize":
+            return None
+        return fused_distillation_loss(student_logits, labels if self.org_loss_weight else None, single, kd.temperature,
+                                       tail, self.kd_loss_weight, self.org_loss_weight, ce.ignore_index)
