@@ -166,3 +166,21 @@ def test_dump_leaves_the_callers_config_as_given(tmp_path: Path, teacher: Path) 
     result = dump(config)
     assert result.manifest.seed == 0  # the default seed of several views...
     assert config.seed is None and config.resume is False  # ...resolved on a copy: the config can be reused as given
+
+
+def test_batch_seeds_equal_numpy_seed_sequence_word_for_word():
+    """The vectorised hash must stay numpy's: caches dumped with views replay through it."""
+    from logit_cache.data.replay import item_seeds
+    from logit_cache.data.seeds import batch_seed_words
+
+    rng = np.random.default_rng(0)
+    indices = np.concatenate([[0, 1, 2**32 - 1], rng.integers(0, 2**32, 40)])
+    views = np.concatenate([[0, 7, 0], rng.integers(0, 16, 40)])
+    for seed in (0, 1, 12345, 2**32 - 1, 2**32, 2**64 + 3, 2**130 + 1):  # one to five entropy words for the seed
+        got = batch_seed_words(seed, indices, views)
+        want = np.stack([np.random.SeedSequence([seed, int(i), int(v)]).generate_state(3, dtype=np.uint32)
+                         for i, v in zip(indices, views, strict=True)])
+        np.testing.assert_array_equal(got, want)
+        assert tuple(int(w) for w in got[5]) == item_seeds(seed, int(indices[5]), int(views[5]))
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        batch_seed_words(0, [2**32], [0])

@@ -15,7 +15,7 @@ from ..format.manifest import Manifest, read_manifest
 from ..io.lookup import directory_bytes
 from ..specs import parse_json_kwargs
 from .common import fail, human_bytes, what
-from .options import json_option, teacher_options
+from .options import dataset_text_options, json_option, teacher_options
 
 VERIFY_TEACHER_HELP = (
     "Also re-run this teacher on --samples random samples and compare with the cache "
@@ -99,6 +99,7 @@ def _draw(path: Path, out: Path, max_rows: int) -> str:
               help="With --teacher: the data the cache was dumped from ('digits' or MODULE:CALLABLE, which imports MODULE and runs "
                    "its code).")
 @click.option("--dataset-kwargs", metavar="JSON", help="With --teacher: keyword arguments for the dataset.")
+@dataset_text_options()
 @click.option("--samples", type=int, default=32, show_default=True,
               help="With --teacher: how many random samples (and, for caches of several views, random views) to compare.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the choice of samples and views.")

@@ -7,16 +7,21 @@ the kind a dump's flag chooses from the target kinds (``TargetKind.flag``), the 
 
 from __future__ import annotations
 
+import functools
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
 
-from ..errors import UsageError
+from ..data.hf_datasets import is_hf_dataset_spec, with_teacher_tokenizer
+from ..errors import LogitCacheError, UsageError
 from ..format.naming import ROOT_ENV
+from ..specs import parse_json_kwargs
 from ..store import BACKENDS
 from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES
+from .common import fail
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,3 +108,60 @@ def require_root(root: Path | None) -> Path:
     if root is None:
         raise UsageError(f"name the cache root: an argument, or set {ROOT_ENV}")
     return root
+
+
+#: The text options' dataset kwargs, by option name.
+_TEXT_KWARGS = {"--text-column": "text_column", "--seq-len": "seq_len", "--tokenizer": "tokenizer"}
+
+
+def dataset_text_options() -> Callable[[F], F]:
+    """``--text-column``, ``--seq-len`` and ``--tokenizer`` for ``--dataset hf:PATH`` (dump and train), folded into
+    the command's ``dataset_kwargs`` (and ``eval_dataset_kwargs`` for an hf: ``--eval-dataset``) by
+    :func:`fold_text_options`: as dataset kwargs they enter the cache key, the manifest and the fingerprint, and
+    the Python API takes the same kwargs. The command receives the folded kwargs as JSON, as if typed."""
+
+    def decorate(function: F) -> F:
+        @functools.wraps(function)
+        def folded(*args: Any, text_column: str | None = None, seq_len: int | None = None, tokenizer: str | None = None,
+                   **kwargs: Any) -> Any:
+            flags = {"text_column": text_column, "seq_len": seq_len, "tokenizer": tokenizer}
+            try:
+                for data, data_kwargs in (("dataset", "dataset_kwargs"), ("eval_dataset", "eval_dataset_kwargs")):
+                    if data_kwargs in kwargs and (data == "dataset" or is_hf_dataset_spec(kwargs.get(data) or "")):
+                        kwargs[data_kwargs] = fold_text_options(kwargs.get(data), kwargs[data_kwargs], flags, kwargs.get("teacher"),
+                                                                "--" + data_kwargs.replace("_", "-"))
+            except LogitCacheError as exc:
+                fail(exc)
+            return function(*args, **kwargs)
+
+        return _stack([
+            click.option("--text-column", metavar="NAME",
+                         help="With --dataset hf:PATH: tokenise this text column (or a column of chat conversations, rendered with "
+                              "the tokenizer's chat template): each text followed by EOS, all concatenated and cut into windows of "
+                              "--seq-len tokens."),
+            click.option("--seq-len", type=int, metavar="N", help="With --text-column: tokens per window [default: 128]."),
+            click.option("--tokenizer", metavar="DIR",
+                         help="With --text-column: a local tokenizer directory (save_pretrained) [dump's default: the "
+                              "--teacher hf:DIR directory]."),
+        ])(folded)  # type: ignore[return-value]
+
+    return decorate
+
+
+def fold_text_options(dataset: str | None, dataset_kwargs: str | None, flags: dict[str, Any], teacher: str | None,
+                      what: str = "--dataset-kwargs") -> str | None:
+    """``dataset_kwargs`` (JSON) with the text flags given in ``flags`` added, and an ``hf:DIR`` teacher's tokenizer
+    when a text column has none; a flag that contradicts the JSON, or text flags for a dataset that is not
+    ``hf:PATH``, is a UsageError."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    if given and not is_hf_dataset_spec(dataset or ""):
+        options = ", ".join(option for option, name in _TEXT_KWARGS.items() if name in given)
+        raise UsageError(f"{options} tokenise a text column of --dataset hf:PATH; --dataset {dataset!r} is not one")
+    kwargs = parse_json_kwargs(dataset_kwargs, what)
+    for option, name in _TEXT_KWARGS.items():
+        if name in given:
+            if name in kwargs and kwargs[name] != given[name]:
+                raise UsageError(f"{option} {given[name]!r} contradicts {what} {name}={kwargs[name]!r}; give it once")
+            kwargs[name] = given[name]
+    kwargs = with_teacher_tokenizer(dataset or "", kwargs, teacher)
+    return json.dumps(kwargs) if kwargs else dataset_kwargs

@@ -14,7 +14,7 @@ from ..specs import parse_json_kwargs
 from ..targets.compact import ENCODINGS
 from ..teachers.runtime import PRECISIONS
 from .common import describe_targets, fail, human_bytes, rank, setup_logging, what
-from .options import BACKEND_CHOICE, DTYPE_CHOICE, chosen_kind, quiet_option, target_options, teacher_options
+from .options import BACKEND_CHOICE, DTYPE_CHOICE, chosen_kind, dataset_text_options, quiet_option, target_options, teacher_options
 
 TEACHER_HELP = (
     "Teacher checkpoint: a state_dict (plain, {'model': ...}, Lightning, Composer; needs --arch), "
@@ -29,11 +29,14 @@ TEACHER_HELP = (
 @click.option("--dataset", required=True, metavar="SPEC",
               help="'digits' (built in, scikit-learn's handwritten digits), 'text' (built in, byte-level windows of Python's "
                    "pydoc texts), tokens:PATH.npy (a flat token-id array cut into windows: --dataset-kwargs "
-                   "'{\"seq_len\": 128, \"stride\": 128}'), or MODULE:CALLABLE returning a map-style Dataset whose items "
+                   "'{\"seq_len\": 128, \"stride\": 128}'), hf:PATH (a Hugging Face datasets save_to_disk directory, "
+                   "with '{\"split\": NAME}' for a DatasetDict, or a .json/.jsonl/.parquet/.csv/.txt file or folder of them; "
+                   "a text column with --text-column), or MODULE:CALLABLE returning a map-style Dataset whose items "
                    "are (input, label) or input; for language models, token ids, (ids, labels) or {input_ids, attention_mask}. "
                    "A MODULE:CALLABLE spec imports MODULE and runs its code; the current directory is searched after installed "
                    "packages (name a local file as path/to/file.py:CALLABLE).")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"test\"}'.")
+@dataset_text_options()
 @click.option("--out", type=click.Path(path_type=Path), metavar="DIR",
               help="Cache directory to create. Written as DIR.partial and renamed to DIR once complete.")
 @click.option("--cache-root", type=click.Path(path_type=Path), metavar="ROOT", envvar=ROOT_ENV, show_envvar=True,
@@ -88,6 +91,8 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
           --dataset digits --out caches/digits-top5 --topk 5
       logit-cache dump --teacher model.ts --dataset mydata:make_dataset --out caches/full --full --format hdf5
       logit-cache dump --teacher hf:models/my-lm --dataset tokens:train.npy --out caches/lm-s50 --sample 50
+      logit-cache dump --teacher hf:models/my-lm --dataset hf:data/train.jsonl --text-column text --seq-len 512 \\
+          --out caches/lm-top32 --topk 32
       torchrun --nproc_per_node=2 -m logit_cache dump ...   # each rank writes its own shards
     """
     setup_logging(quiet)

@@ -1,9 +1,11 @@
 """Resolve a dataset spec to a torch Dataset; the built-in data sets; the dataset fingerprint.
 
-A spec is either the name of a built-in data set (``digits``) or ``module:callable`` returning a
+A spec is either the name of a built-in data set (``digits``), ``hf:PATH`` (a Hugging Face ``datasets``
+directory or data file, see ``hf_datasets.py``) or ``module:callable`` returning a
 map-style dataset (``__len__`` and ``__getitem__``) whose items are ``(input, label)`` or
 ``input`` alone, inputs being tensors or dicts of tensors (a dict is passed to the model as keyword
-arguments). ``--dataset-kwargs`` are passed to the callable (or the built-in).
+arguments). ``--dataset-kwargs`` are passed to the callable (or the built-in). A ``datasets.Dataset``
+a callable returns in Python or numpy format is read as ``hf:PATH`` reads its rows (lists become tensors).
 
 Built-in ``digits``: scikit-learn's copy of the UCI optical handwritten digits (1,797 8x8 images,
 10 classes, shipped inside scikit-learn, so nothing is downloaded). Inputs are float32 tensors
@@ -16,7 +18,8 @@ The fingerprint names content, not spelling: it hashes the dataset's *identity* 
 ``pkg.mod:fn``, ``pkg/mod.py:fn`` and the defaults spelled out give one fingerprint. The manifest shows
 the spec and kwargs as typed and records the identity (``dataset.identity``) when it differs, so the
 fingerprint can be recomputed without resolving the spec again; a manifest without one (older caches,
-or typed as the identity) was fingerprinted from the spec and kwargs it shows.
+or typed as the identity) was fingerprinted from the spec and kwargs it shows. A dataset that carries its
+own identity (``logit_cache_identity``: ``hf:PATH``, named by datasets' fingerprint) is compared by that one.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch.utils.data import Dataset
 from ..errors import DatasetError, SpecError
 from ..format.identity import dataset_fingerprint
 from ..specs import bound_kwargs, callable_identity, resolve_callable
+from .hf_datasets import HF_DATASET_PREFIX, HF_KWARGS, adapt_hf_dataset, is_hf_dataset_spec, load_hf_dataset
 from .replay import FirstViews
 from .tokens import ByteText, TokenWindows, is_token_item, token_item
 
@@ -130,7 +134,8 @@ def recorded_fingerprint(dataset: Any, manifest: Manifest) -> str:
     seed), to compare with ``manifest.dataset["fingerprint"]``."""
     recorded = manifest.dataset
     seed = None if manifest.per_token else manifest.seed  # per token, the seed is the sampling seed: no replayed inputs
-    identity = recorded.get("identity") or recorded  # see the module docstring
+    # a dataset that names its own identity (hf:PATH: datasets' fingerprint) is compared by it; else the recorded one
+    identity = getattr(dataset, "logit_cache_identity", None) or recorded.get("identity") or recorded  # module docstring
     return fingerprint_as_dumped(dataset, str(identity.get("spec")), dict(identity.get("kwargs") or {}), seed)
 
 
@@ -145,6 +150,13 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
         factory = lambda **kw: TokenWindows(path, **kw)  # noqa: E731
         bound = bound_kwargs(TokenWindows, {"ids": path, **kwargs})
         identity = {"spec": spec, "kwargs": {name: value for name, value in bound.items() if name != "ids"}}
+    elif is_hf_dataset_spec(spec):
+        path = spec[len(HF_DATASET_PREFIX):]
+        unknown = sorted(set(kwargs) - set(HF_KWARGS))
+        if unknown:
+            raise DatasetError(f"--dataset {spec!r}: unknown dataset kwargs {', '.join(unknown)}; hf:PATH takes {', '.join(HF_KWARGS)}")
+        factory = lambda **kw: load_hf_dataset(path, **kw)  # noqa: E731
+        identity = None  # the dataset's own (hf_datasets.py): datasets' fingerprint, known once it is read
     elif ":" in spec:
         try:
             factory = resolve_callable(spec, "--dataset")
@@ -153,7 +165,8 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
         identity = {"spec": callable_identity(factory, spec), "kwargs": bound_kwargs(factory, kwargs)}
     else:
         raise DatasetError(
-            f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}), tokens:PATH.npy, nor MODULE:CALLABLE"
+            f"--dataset {spec!r} is neither a built-in data set ({', '.join(BUILTIN_DATASETS)}), tokens:PATH.npy, hf:PATH (a "
+            f"Hugging Face datasets directory or data file), nor MODULE:CALLABLE"
         )
     try:
         dataset = factory(**kwargs)
@@ -161,6 +174,8 @@ def resolve_dataset(spec: str, kwargs: Mapping[str, Any] | None = None) -> Resol
         raise
     except Exception as exc:
         raise DatasetError(f"--dataset {spec!r} with kwargs {kwargs} failed to build: {exc!r}") from exc
+    dataset = adapt_hf_dataset(dataset, spec)  # a datasets.Dataset in Python format: rows as tensors
+    identity = identity or getattr(dataset, "logit_cache_identity", None)
     if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
         raise DatasetError(
             f"--dataset {spec!r} returned a {type(dataset).__name__}, not a map-style dataset "

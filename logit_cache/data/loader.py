@@ -34,7 +34,7 @@ from ..format.identity import canonical_json
 from ..io.rows import TargetReader
 from ..targets.batch import Targets
 from .datasets import recorded_fingerprint
-from .replay import ViewFn, default_view, remember_wrapper, replay_items, wrappers_of
+from .replay import ViewFn, default_view, remember_wrapper, replay_items, warn_epochless_views, wrappers_of
 from .tokens import collate_token_targets, concat_sequences, slice_sequence
 
 VERIFY_CHOICES = ("fingerprint", "length")
@@ -125,7 +125,8 @@ class CachedDataset(torch.utils.data.Dataset):
     view ``v`` exactly as the dump produced it (the generators seeded from ``(S, i, v)``, see
     ``replay.py``) and paired with row ``i * V + v``. ``view_fn(epoch, indices, V)`` picks the
     views (default :func:`~logit_cache.replay.default_view`); the epoch is the one the cache's
-    sampler passes with each index, or the one set by :meth:`set_epoch` for plain integer indices.
+    sampler passes with each index, or the one set by :meth:`set_epoch` for plain integer indices
+    (read with plain indices before any ``set_epoch``, a views cache warns once: epochs would not rotate views).
     """
 
     def __init__(self, dataset: Any, caches: Sequence[TargetReader], verify: str = "fingerprint",
@@ -151,6 +152,7 @@ class CachedDataset(torch.utils.data.Dataset):
             self.seed = None  # a per-token cache's seed is its sampling seed, not a replay of the inputs
         self.view_fn: ViewFn = view_fn or default_view
         self.epoch = 0
+        self._epoch_known = False  # set_epoch called, or the epochless warning given (replay.warn_epochless_views)
         length = len(dataset)
         fingerprints: dict[str, str] = {}  # by the recorded spec and kwargs: several caches of one dataset hash it once
         for cache in self.caches:
@@ -184,6 +186,7 @@ class CachedDataset(torch.utils.data.Dataset):
     def set_epoch(self, epoch: int) -> None:
         """The epoch whose views plain integer indices get (the cache's sampler forwards its own)."""
         self.epoch = int(epoch)
+        self._epoch_known = True
 
     def _views_of(self, indices: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
         """Sample indices and their views; an index is an int or an ``(index, epoch)`` pair from the sampler."""
@@ -193,6 +196,9 @@ class CachedDataset(torch.utils.data.Dataset):
         else:
             samples = np.asarray(indices, dtype=np.int64).reshape(-1)
             epochs = np.full(len(samples), self.epoch, dtype=np.int64)
+            if self.views > 1 and not self._epoch_known:
+                self._epoch_known = True
+                warn_epochless_views(self.views, self.caches)
         if self.views == 1:
             return samples, np.zeros(len(samples), dtype=np.int64)
         views = np.empty(len(samples), dtype=np.int64)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 
 from ..errors import DatasetError
 from ..format.identity import item_digest
+from .seeds import batch_seed_words
 
 #: How many items the dump produces twice to check that they replay.
 CHECK_ITEMS = 4
@@ -39,7 +41,11 @@ ViewFn = Callable[[int, np.ndarray, int], np.ndarray]
 
 
 def item_seeds(seed: int, index: int, view: int) -> tuple[int, int, int]:
-    """Seeds for torch, numpy and Python's ``random`` from ``(seed, index, view)``: independent streams."""
+    """Seeds for torch, numpy and Python's ``random`` from ``(seed, index, view)``: independent streams.
+
+    ``SeedSequence([seed, index, view]).generate_state(3, uint32)``; :func:`replay_items` computes the
+    same words for a whole batch at once (:mod:`.seeds`).
+    """
     words = np.random.SeedSequence([seed, index, view]).generate_state(3, dtype=np.uint32)
     return int(words[0]), int(words[1]), int(words[2])
 
@@ -57,19 +63,28 @@ def preserved_rng() -> Iterator[None]:
 
 
 def seed_item(seed: int, index: int, view: int) -> None:
-    torch_seed, numpy_seed, python_seed = item_seeds(seed, index, view)
+    _seed_generators(*item_seeds(seed, index, view))
+
+
+def _seed_generators(torch_seed: int, numpy_seed: int, python_seed: int) -> None:
     torch.default_generator.manual_seed(torch_seed)  # the CPU generator only: torch.manual_seed costs ~100 us (all devices)
     np.random.seed(numpy_seed)
     random.seed(python_seed)
 
 
 def replay_items(dataset: Any, indices: Sequence[int], views: Sequence[int], seed: int) -> list[Any]:
-    """``dataset[i]`` for each ``(i, v)``, each produced with the generators seeded from ``(seed, i, v)``."""
+    """``dataset[i]`` for each ``(i, v)``, each produced with the generators seeded from ``(seed, i, v)``.
+
+    The batch's seeds come from one vectorised hash (:func:`~.seeds.batch_seed_words`, equal to
+    :func:`item_seeds` word for word): what is left per item is seeding the three generators (~10 us).
+    """
+    indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+    words = batch_seed_words(seed, indices, views).tolist()
     items = []
     with preserved_rng():
-        for index, view in zip(indices, views, strict=True):
-            seed_item(seed, int(index), int(view))
-            items.append(dataset[int(index)])
+        for index, (torch_seed, numpy_seed, python_seed) in zip(indices.tolist(), words, strict=True):
+            _seed_generators(torch_seed, numpy_seed, python_seed)
+            items.append(dataset[index])
     return items
 
 
@@ -147,3 +162,14 @@ def remember_wrapper(cache: Any, wrapper: Any) -> None:
 def wrappers_of(cache: Any) -> list[Any]:
     """The datasets still alive that wrap ``cache`` (what its sampler forwards ``set_epoch`` to)."""
     return [w for w in (ref() for ref in _WRAPPED.get(cache, [])) if w is not None]
+
+
+def warn_epochless_views(views: int, caches: Sequence[Any]) -> None:
+    """Warn that a views cache is read with plain indices before any ``set_epoch``: every epoch would get
+    the views of epoch 0 (with the default view_fn, each sample one fixed view), silently. Said once per wrapper."""
+    warnings.warn(
+        f"a cache of {views} views per sample ({', '.join(str(getattr(c, 'path', c)) for c in caches)}) is read with plain "
+        f"integer indices and set_epoch was never called, so every epoch gets the views of epoch 0 instead of rotating "
+        f"through them. Use the cache's sampler (DataLoader(ds, sampler=cache.sampler(shuffle=True), ...), which passes the "
+        f"epoch with each index) or call ds.set_epoch(epoch) before each epoch.",
+        UserWarning, stacklevel=4)
