@@ -14,7 +14,7 @@ from ..tools.plots import plot_learning_curves, require_matplotlib
 from ..train.config import OPTIMIZERS, TrainConfig, TrainResult
 from ..train.loop import train_student
 from .common import fail, setup_logging
-from .options import quiet_option, teacher_options
+from .options import dataset_text_options, quiet_option, teacher_options
 
 TRAIN_TEACHER_HELP = "Online KD (a baseline): run this teacher on every batch; loaded as dump loads it."
 
@@ -25,9 +25,11 @@ TRAIN_TEACHER_HELP = "Online KD (a baseline): run this teacher on every batch; l
                    "and runs its code; the current directory is searched after installed packages.")
 @click.option("--student-kwargs", metavar="JSON", help="Keyword arguments for --student, e.g. '{\"hidden\": 16, \"depth\": 1}'.")
 @click.option("--dataset", required=True, metavar="SPEC",
-              help="The training data, as for dump: 'digits' or MODULE:CALLABLE (imports MODULE and runs its code). With --cache "
+              help="The training data, as for dump: 'digits', 'text', tokens:PATH.npy, hf:PATH (with the same --text-column, "
+                   "--seq-len and --tokenizer) or MODULE:CALLABLE (imports MODULE and runs its code). With --cache "
                    "it must be the data the cache was dumped from (checked by length and fingerprint).")
 @click.option("--dataset-kwargs", metavar="JSON", help="Keyword arguments for the dataset, e.g. '{\"split\": \"train\"}'.")
+@dataset_text_options()
 @click.option("--cache", "caches", multiple=True, metavar="DIR",
               help="Cached KD: targets from this cache (a directory, or an fsspec URL such as s3://bucket/cache). Repeat for "
                    "several teachers (averaged in probability space).")
@@ -41,7 +43,8 @@ TRAIN_TEACHER_HELP = "Online KD (a baseline): run this teacher on every batch; l
 @click.option("--out", required=True, type=click.Path(path_type=Path), metavar="FILE",
               help="Where the student's state_dict goes; FILE with suffix .json gets how it was trained, .metrics.json the metrics.")
 @click.option("--epochs", type=int, default=30, show_default=True, help="Passes over the data.")
-@click.option("--batch-size", type=int, default=64, show_default=True, help="Samples per step.")
+@click.option("--batch-size", type=int, default=64, show_default=True,
+              help="Samples per step on each process; under torchrun the global batch is this times the number of ranks (WORLD_SIZE).")
 @click.option("--lr", type=float, default=1e-2, show_default=True, help="Peak learning rate; decays to 0 on a cosine over the run.")
 @click.option("--weight-decay", type=float, default=1e-4, show_default=True, help="Decoupled (AdamW) or L2 (SGD) weight decay.")
 @click.option("--optimizer", type=click.Choice(OPTIMIZERS), default="adamw", show_default=True,
@@ -116,10 +119,12 @@ def train_command(student: str, student_kwargs: str | None, dataset: str, datase
         if plot is not None:
             require_matplotlib()
         result = train_student(config)
-        if plot is not None:
+        if plot is not None and result.rank == 0:  # under torchrun, rank 0 writes and reports for all
             plot_learning_curves({out.stem: result.epochs}, plot, title=f"{student} on {dataset}")
     except LogitCacheError as exc:
         fail(exc)
+    if result.rank != 0:
+        return
     click.echo(_train_summary(result))
     if plot is not None:
         click.echo(f"learning curves: {plot}")

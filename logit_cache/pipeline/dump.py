@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from .._legacy import callable_module
+from ..data.hf_datasets import with_teacher_tokenizer
 from ..data.tokens import token_lengths
 from ..errors import UsageError
 from ..format.layout import (  # noqa: F401  (moved to format.layout)
@@ -59,7 +60,7 @@ from ..targets.tokens import TOKEN_CHUNK, encode_tokens  # noqa: F401  (TOKEN_CH
 from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher  # noqa: F401  (re-exported: scripts)
 from ..teachers.sources import Teacher, load_teacher
 from .batches import default_num_workers, make_batches, make_loader, run_shards  # noqa: F401  (moved to pipeline.batches)
-from .distributed import Dist, destroy, init_distributed, phase, reduce_stats, sync
+from .distributed import Dist, destroy, device_kind, init_distributed, phase, reduce_stats, sync
 from .prepare import Prepared, in_progress_manifest, prepare, probe_classes, writing
 
 log = logging.getLogger(__name__)
@@ -153,6 +154,8 @@ class DumpConfig:
             # Under a root the key is the name: an existing cache of this key is this very content, so
             # reuse it, and resume an unfinished dump of it (a killed writer's work) instead of refusing.
             resume=self.resume or (self.cache_root is not None and not self.overwrite),
+            # an hf:PATH text column with no tokenizer is tokenised by an hf:DIR teacher's own (as the CLI does)
+            dataset_kwargs=with_teacher_tokenizer(self.dataset, self.dataset_kwargs, self.teacher),
         )
 
 
@@ -204,8 +207,7 @@ def dump_cache(config: DumpConfig) -> DumpResult:
                         out="caches/digits-top5", mode="topk", k=5))
     """
     started = time.perf_counter()
-    device_kind = "cuda" if config.device.startswith("cuda") or (config.device == "auto" and torch.cuda.is_available()) else "cpu"
-    dist_info = init_distributed(device_kind)
+    dist_info = init_distributed(device_kind(config.device))
     try:
         prepared, done = phase(dist_info, prepare, config, dist_info)
         config = prepared.config  # with its resolved defaults

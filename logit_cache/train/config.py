@@ -42,7 +42,7 @@ class TrainConfig:
     eval_dataset_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_cache: str | None = None  # a cache of the eval split: adds the eval KL to the teacher
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int = 64  # per rank under torchrun: a step takes batch_size * world_size samples
     lr: float = 1e-2
     weight_decay: float = 1e-4
     optimizer: str = "adamw"
@@ -103,6 +103,8 @@ class TrainResult:
     seconds: float  # wall time of the training loop (all epochs, evaluation excluded)
     teacher_seconds: float  # of which spent running the teacher (online KD only)
     temperature: float | None
+    world_size: int = 1  # ranks that trained together (torchrun); batch_size is per rank
+    rank: int = 0  # this process's rank: only rank 0 wrote the files and should print the summary
 
     @property
     def final(self) -> dict[str, Any]:

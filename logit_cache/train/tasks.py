@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..data.datasets import ResolvedDataset, split_batch
+from ..data.distributed import Dist
 from ..data.loader import CachedDataset
 from ..data.replay import preserved_rng
 from ..data.tokens import collate_tokens, next_token_mask
@@ -61,6 +62,9 @@ class Task:
     unit: str = "samples"
     #: ``collate_fn`` of the plain data (no cache); None: torch's default.
     plain_collate: Callable[[list[Any]], Any] | None = None
+    #: Whether batches of one size can hold different numbers of loss rows (tokens): then, under DDP, each
+    #: rank's mean loss is weighted by its share of the step's rows (see :mod:`.ddp`).
+    rows_vary: bool = False
 
     def check(self, config: TrainConfig, data: ResolvedDataset, caches: list[TargetReader]) -> None:
         """Refuse options or caches this task cannot train with, before any work."""
@@ -113,7 +117,7 @@ class Task:
                                 config.kd_start, config.kd_end, ce_loss=self.ground_truth_loss())
 
     def evaluate(self, student: nn.Module, data: ResolvedDataset, device: torch.device,
-                 cache: CachedDataset | None) -> dict[str, float]:
+                 cache: CachedDataset | None, ranks: Dist | None = None) -> dict[str, float]:
         raise NotImplementedError
 
     def record(self, seen: int) -> dict[str, Any]:
@@ -149,8 +153,8 @@ class Classification(Task):
         return KLDivergence(temperature, tail=config.tail, teachers_per_step=config.teachers_per_step, seed=config.seed)
 
     def evaluate(self, student: nn.Module, data: ResolvedDataset, device: torch.device,
-                 cache: CachedDataset | None) -> dict[str, float]:
-        return evaluate(student, data, device, cache)
+                 cache: CachedDataset | None, ranks: Dist | None = None) -> dict[str, float]:
+        return evaluate(student, data, device, cache, ranks=ranks)
 
     def describe(self, record: dict[str, Any]) -> str:
         accuracy = f", eval accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else ""
@@ -164,6 +168,7 @@ class LanguageModel(Task):
     default_temperature = 1.0
     unit = "sequences"
     plain_collate = staticmethod(plain_token_batch)
+    rows_vary = True
 
     def check(self, config: TrainConfig, data: ResolvedDataset, caches: list[TargetReader]) -> None:
         for cache in caches:
@@ -201,8 +206,8 @@ class LanguageModel(Task):
         return TokenKLDivergence(temperature, tail=config.tail)
 
     def evaluate(self, student: nn.Module, data: ResolvedDataset, device: torch.device,
-                 cache: CachedDataset | None) -> dict[str, float]:
-        return evaluate_tokens(student, data, device, cache)
+                 cache: CachedDataset | None, ranks: Dist | None = None) -> dict[str, float]:
+        return evaluate_tokens(student, data, device, cache, ranks=ranks)
 
     def record(self, seen: int) -> dict[str, Any]:
         return {"tokens": seen}
