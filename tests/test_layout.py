@@ -20,7 +20,7 @@ PACKAGE = Path(logit_cache.__file__).parent
 
 #: Low to high. A module may import from its own layer or a lower one, never a higher one.
 LAYERS = ["errors", "specs", "_legacy", "store", "targets", "format", "io", "data", "teachers", "losses",
-          "pipeline", "train", "tools", "cli"]
+          "pipeline", "train", "integrations", "tools", "cli"]
 #: Modules above every layer: they re-export or run the whole package.
 TOP = {"__init__", "__main__"}
 MAX_LINES = 420
