@@ -33,32 +33,34 @@ def spec(name: str) -> str:
     return f"{HERE / 'hf_factories.py'}:{name}"
 
 
-class ServedTokens(RaggedTokens):
+class RecordsServed:
+    """Records the indices of every batch read (``served``): what the tests count per epoch and rank."""
+
+    served: list[list[int]]
+
+    def __getitems__(self, indices: list[int]) -> list:
+        self.served.append([int(i) for i in indices])
+        return [self[i] for i in indices]  # type: ignore[index]
+
+
+class ServedTokens(RecordsServed, RaggedTokens):
     """Dict items ``{input_ids, attention_mask}`` (padded by the dataset itself) whose batch reads are recorded."""
 
     def __init__(self, n: int = SEQUENCES, seed: int = 0) -> None:
         super().__init__(n=n, vocab=VOCAB, max_len=12, seed=seed, style="dict")
-        self.served: list[list[int]] = []
-
-    def __getitems__(self, indices: list[int]) -> list:
-        self.served.append([int(i) for i in indices])
-        return [self[i] for i in indices]
+        self.served = []
 
 
 def served_tokens(n: int = SEQUENCES, seed: int = 0) -> ServedTokens:
     return ServedTokens(n, seed)
 
 
-class ServedImages(DictImages):
+class ServedImages(RecordsServed, DictImages):
     """Items ``({"pixels", "bias"}, label)``, batch reads recorded; the students take ``pixels`` only."""
 
     def __init__(self, n: int = IMAGES, seed: int = 0) -> None:
         super().__init__(n, seed)
-        self.served: list[list[int]] = []
-
-    def __getitems__(self, indices: list[int]) -> list:
-        self.served.append([int(i) for i in indices])
-        return [self[i] for i in indices]
+        self.served = []
 
 
 def served_images(n: int = IMAGES, seed: int = 0) -> ServedImages:

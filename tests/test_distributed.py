@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -21,6 +20,7 @@ import pytest
 import torch
 import zarr
 from data_factories import spec
+from processes import finish, torchrun_argv
 
 from logit_cache.reader import open_reader
 from logit_cache.store import BACKENDS
@@ -29,15 +29,8 @@ pytestmark = pytest.mark.slow
 
 ARRAYS = ("topk_logits", "topk_indices", "logsumexp", "labels")
 NUM_SHARDS = 5
-TIMEOUT = 120
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ENV.pop("LC_TEST_FAIL", None)
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def dump_args(teacher: Path, out: Path, backend: str, dataset: str, *extra: str) -> list[str]:
@@ -50,24 +43,12 @@ def dump_args(teacher: Path, out: Path, backend: str, dataset: str, *extra: str)
 
 
 def torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *args]  # fmt: skip
+    argv = torchrun_argv(*args)
     return subprocess.Popen(argv, env=env or ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def single(args: list[str]) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, *args], env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    """Wait (at most TIMEOUT: a hang in a collective fails the test instead of blocking it)."""
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"no exit within {TIMEOUT} s (a rank hangs?):\n{stdout}\n{stderr}")
-    return proc.returncode, stdout, stderr
 
 
 def read_raw(cache: Path) -> dict[str, np.ndarray]:

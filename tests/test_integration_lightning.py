@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -24,6 +23,7 @@ from conftest import ARCH, ARCH_KWARGS, make_teacher
 from data_factories import HERE, RaggedTokens, causal_bag, random_images, spec
 from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
 from lightning_factories import Student, TokenStudent
+from processes import free_port
 from torch.utils.data import DataLoader
 
 from logit_cache import DumpConfig, dump, open_cache
@@ -161,12 +161,6 @@ def test_the_module_refuses_loader_options_it_sets(image_cache: Path) -> None:
 
 
 # -- DDP: Lightning launches the two ranks itself ------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

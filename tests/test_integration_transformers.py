@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 import hf_factories as factories  # noqa: E402
+from processes import torchrun_argv  # noqa: E402
 
 from logit_cache import open_cache  # noqa: E402
 from logit_cache.errors import UsageError  # noqa: E402
@@ -297,20 +296,13 @@ for kind, make_data, make_model, n in [("tokens", factories.served_tokens, facto
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_ddp_gives_every_sample_once_per_epoch(caches: dict[str, Path], tmp_path: Path) -> None:
     script = tmp_path / "ddp_train.py"
     script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(tmp_path), seed=SEED,
                                         caches={k: str(v) for k, v in caches.items() if k != "root"}))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", str(script)]
+    argv = torchrun_argv(str(script))
     try:
         done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=180)
     except subprocess.TimeoutExpired as exc:

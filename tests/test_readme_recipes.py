@@ -12,7 +12,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import make_teacher
+from processes import free_port, torchrun_argv
 
 from logit_cache import DumpConfig, dump_cache
 
@@ -33,12 +33,6 @@ def recipe(name: str) -> str:
     match = re.search(rf"<!-- recipe: {re.escape(name)} -->\n```\w*\n(.*?)\n```", README.read_text(), re.S)
     assert match, f"README.md has no recipe {name!r}"
     return match.group(1)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +49,6 @@ def run(argv: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> 
     done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=TIMEOUT)
     assert done.returncode == 0, f"{argv} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     return done
-
-
-def torchrun(*args: str) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", *args]
 
 
 # A probe appended to the Python recipes (after the recipe's own code, which is untouched): the samples
@@ -104,7 +93,7 @@ def test_own_loop_recipe_single_and_under_torchrun(workdir: Path):
     script.write_text(code + "\nTRAINED, SAMPLER = student, sampler\n" + PROBE)
     run([sys.executable, str(script)], workdir)
     check_trained_and_covered(probes(workdir, 1), 1437)
-    run(torchrun(str(script)), workdir)
+    run(torchrun_argv(str(script)), workdir)
     found = probes(workdir, 2)
     check_trained_and_covered(found, 1437)  # 1437 is odd: the order's first sample is served twice
     assert len(found[0]["served"]) == len(found[1]["served"]) == 719
@@ -114,7 +103,7 @@ def test_cli_torchrun_recipe(workdir: Path):
     command = recipe("cli-torchrun").replace("\\\n", " ")
     argv = shlex.split(command)
     assert argv[:2] == ["torchrun", "--nproc_per_node=2"]
-    done = run(torchrun(*argv[2:]), workdir)
+    done = run(torchrun_argv(*argv[2:]), workdir)
     sidecar = json.loads((workdir / "students" / "kd.json").read_text())
     assert sidecar["world_size"] == 2 and sidecar["global_batch_size"] == 64
     metrics = json.loads((workdir / "students" / "kd.metrics.json").read_text())

@@ -23,9 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +31,7 @@ import pytest
 import torch
 from data_factories import spec as data_spec
 from ddp_factories import spec
+from processes import finish, torchrun_argv
 
 import logit_cache.train.loop as loop
 from logit_cache import DumpConfig, TrainConfig, dump_cache, train_student
@@ -42,7 +41,6 @@ from logit_cache.specs import resolve_callable
 
 pytestmark = pytest.mark.slow
 
-TIMEOUT = 120
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 for name in ("LC_TEST_SERVED", "LC_TEST_WEIGHTS", "LC_TEST_FAIL_AT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
     ENV.pop(name, None)
@@ -50,27 +48,9 @@ N_IMAGES, N_SEQUENCES = 200, 120
 TOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def torchrun(args: list[str], **env: str) -> subprocess.Popen[str]:
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", "-m", "logit_cache", "train", *args]  # fmt: skip
+    argv = torchrun_argv("-m", "logit_cache", "train", *args)
     return subprocess.Popen(argv, env={**ENV, **env}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc: subprocess.Popen[str]) -> tuple[int, str, str]:
-    """Wait (at most TIMEOUT: a hang in a collective fails the test instead of blocking it)."""
-    try:
-        stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate()
-        pytest.fail(f"no exit within {TIMEOUT} s (a rank hangs?):\n{stdout}\n{stderr}")
-    return proc.returncode, stdout, stderr
 
 
 class GlobalBatches(ChunkShuffleSampler):

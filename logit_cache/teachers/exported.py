@@ -17,7 +17,6 @@ from torch.export.passes import move_to_device_pass
 
 from ..errors import CheckpointError, UntrustedCheckpointError
 from .common import Loaded, LoadRequest, refuse_arch
-from .export_archive import describe, unsafe_parts
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +64,9 @@ def _load_export(file: Path, shown: str, device: torch.device, trust: bool) -> n
         raise CheckpointError(f"cannot read torch.export archive {shown!r}: {exc}") from exc
     with handle:
         if not trust:
+            # imported here: the inspector needs torch._export, whose import (torch._dynamo) is ~40% of a CLI start
+            from .export_archive import describe, unsafe_parts
+
             try:
                 problems = unsafe_parts(handle)
             except ValueError as exc:  # torch would fall back to its legacy loader, which unpickles
