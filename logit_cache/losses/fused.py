@@ -40,6 +40,17 @@ def _softmax_and_logsumexp(z: torch.Tensor, z_max: torch.Tensor) -> tuple[torch.
     return q, z_max - torch.log(q.amax(dim=-1))
 
 
+def _ce_weights(labels: torch.Tensor, ignore_index: int, ce_weight: float) -> tuple[torch.Tensor, torch.Tensor | float]:
+    """The labels to gather at (B, 1), and the CE's weight of each row: ``ce_weight`` over the rows whose
+    label is not ``ignore_index`` (cross-entropy's mean), as a (B, 1) column, or one float when none is
+    ignored (checked on the CPU only, where reading it back costs no GPU sync: a dozen fewer small ops)."""
+    ignored = labels == ignore_index
+    if labels.device.type == "cpu" and not bool(ignored.any()):
+        return labels[:, None], ce_weight / len(labels)
+    kept = ~ignored
+    return labels.masked_fill(ignored, 0)[:, None], (kept.float() * (ce_weight / kept.sum().clamp(min=1)))[:, None]
+
+
 class _FusedCEKD(torch.autograd.Function):
     """``kd_weight * KD_T + ce_weight * CE`` for one teacher's targets, gradient made in the forward."""
 
@@ -53,19 +64,16 @@ class _FusedCEKD(torch.autograd.Function):
         # q: (B, C), a buffer of ours, turned into the gradient in place
         q, lse = _softmax_and_logsumexp(z, s_max / temperature if temperature != 1.0 else s_max)
         kd_scale = kd_weight * temperature / rows  # d(T^2 / B * KL)/ds = T / B * dKL/dz
-        loss = s.new_zeros(())
         # -- CE at T = 1: its value now; its gradient (softmax(s) - onehot) * weight per row ------------
-        ce_rows = q_ce = None
-        extra: torch.Tensor | float = 0.0  # the CE's row factor when it shares the KD's softmax (T = 1), as a column
+        ce_loss = ce_col = q_ce = None
+        extra: torch.Tensor | float = 0.0  # the CE's row factor when it shares the KD's softmax (T = 1)
         if labels is not None and ce_weight:
-            valid = labels != ignore_index
-            safe = torch.where(valid, labels, torch.zeros_like(labels))[:, None]
-            ce_rows = valid.float() * (ce_weight / valid.sum().clamp(min=1))  # (B,): the mean over kept rows
+            safe, ce_col = _ce_weights(labels, ignore_index, ce_weight)
             if temperature == 1.0:
-                lse_ce, extra = lse, ce_rows[:, None]  # softmax(s) is the KD's q: its part joins the KD's row factor
+                lse_ce, extra = lse, ce_col  # softmax(s) is the KD's q: its part joins the KD's row factor
             else:
                 q_ce, lse_ce = _softmax_and_logsumexp(s, s_max)
-            loss = loss + ((lse_ce - s.gather(1, safe).squeeze(1)) * ce_rows).sum()
+            ce_loss = ((lse_ce - s.gather(1, safe).squeeze(1))[:, None] * ce_col).sum()
         # -- KD at T: q = softmax(s / T) against the teacher's p ---------------------------------------
         if tail == DENSE:
             teacher_z, p, lse_p = teacher  # (B, C) at T, its softmax, its logsumexp
@@ -88,11 +96,12 @@ class _FusedCEKD(torch.autograd.Function):
             else:  # ignore: q_j P everywhere, minus p_k on K
                 grad = q.mul_((p.sum(dim=-1) * kd_scale)[:, None] + extra)
                 grad.scatter_add_(1, ids, p * -kd_scale)
-        loss = loss + kd * (kd_weight * temperature**2 / rows)
-        if ce_rows is not None:
+        loss = kd * (kd_weight * temperature**2 / rows)
+        if ce_col is not None:
+            loss = loss + ce_loss
             if q_ce is not None:
-                grad.addcmul_(q_ce, ce_rows[:, None])
-            grad.scatter_add_(1, safe, -ce_rows[:, None])
+                grad = grad.addcmul_(q_ce, ce_col) if isinstance(ce_col, torch.Tensor) else grad.add_(q_ce, alpha=ce_col)
+            grad.scatter_add_(1, safe, -ce_col if isinstance(ce_col, torch.Tensor) else grad.new_full(safe.shape, -ce_col))
         ctx.save_for_backward(grad)
         ctx.dtype = student_logits.dtype
         return loss
