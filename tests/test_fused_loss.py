@@ -64,7 +64,7 @@ def _reference(s: torch.Tensor, logits: torch.Tensor, k: int | None, labels: tor
 
 def _check(s: torch.Tensor, got: torch.Tensor, want: tuple[float, torch.Tensor], atol: float = 1e-6) -> None:
     value, grad = want
-    assert float(got) == pytest.approx(value, rel=2e-5, abs=1e-6)
+    assert float(got.detach()) == pytest.approx(value, rel=2e-5, abs=1e-6)
     torch.testing.assert_close(s.grad, grad, rtol=1e-4, atol=atol)
 
 
@@ -85,7 +85,7 @@ def test_fused_topk_equals_the_float64_reference_and_the_unfused_losses(temperat
     s2 = s.detach().clone().requires_grad_()
     unfused = 0.7 * kd_loss(s2, target, temperature, tail=tail) + 0.3 * F.cross_entropy(s2, labels)
     unfused.backward()
-    assert float(loss) == pytest.approx(float(unfused), rel=1e-5, abs=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(unfused.detach()), rel=1e-5, abs=1e-6)
     torch.testing.assert_close(s.grad, s2.grad, rtol=1e-4, atol=1e-6)
 
 
@@ -117,7 +117,7 @@ def test_weights_zero_and_scaled_gradients():
     loss = DistillationLoss(KLDivergence(4.0), kd_loss_weight=1.0, org_loss_weight=0.0)(s, None, target)
     (loss * 3.0).backward()
     value, grad = _reference(s, logits, 5, torch.zeros(B, dtype=torch.long), 4.0, "rest", 1.0, 0.0)
-    assert float(loss) == pytest.approx(value, rel=2e-5)
+    assert float(loss.detach()) == pytest.approx(value, rel=2e-5)
     torch.testing.assert_close(s.grad, grad * 3.0, rtol=1e-4, atol=1e-6)
 
 
@@ -131,7 +131,7 @@ def test_extreme_student_logits_stay_finite():
     labels = torch.ones(B, dtype=torch.long)
     loss = DistillationLoss(KLDivergence(1.0))(s, labels, target)
     loss.backward()
-    assert math.isfinite(float(loss)) and torch.isfinite(s.grad).all()
+    assert math.isfinite(float(loss.detach())) and torch.isfinite(s.grad).all()
     _check(s, loss, _reference(s, logits, 5, labels, 1.0, "rest", 0.9, 0.1))
 
 
@@ -147,7 +147,7 @@ def test_the_fused_path_is_taken_only_for_the_default_pair(monkeypatch):
     smoothed = DistillationLoss(ce_loss=nn.CrossEntropyLoss(label_smoothing=0.1))
     loss = smoothed(s, labels, target)
     want = 0.9 * kd_loss(s, target, 4.0) + 0.1 * F.cross_entropy(s, labels, label_smoothing=0.1)
-    assert calls == [1] and float(loss) == pytest.approx(float(want), rel=1e-6)
+    assert calls == [1] and float(loss.detach()) == pytest.approx(float(want.detach()), rel=1e-6)
     DistillationLoss(KLDivergence(4.0, tail="renormalize"))(s, labels, target)
     DistillationLoss()(s, labels, [target, target])
     assert calls == [1]
