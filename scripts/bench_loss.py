@@ -15,7 +15,6 @@ floor. Medians and minima over ``--repeats`` blocks of ``--calls`` calls each; `
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -27,6 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from logit_cache import DistillationLoss, KLDivergence, Targets, kd_loss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dump import write_report  # the scripts' shared helpers
 
 CASES = [  # (name, rows, classes, k or None for full logits, temperature)
     ("bench_train top-10, T=4", 256, 1000, 10, 4.0),
@@ -103,9 +105,7 @@ def main(argv: list[str] | None = None) -> int:
               f"| {med['fused']:6.3f} ({low['fused']:6.3f}) | {med['fused'] / med['unfused']:13.2f} | {extra:23.2f} |")
     report = {"cases": rows_out, "threads": args.threads, "torch": torch.__version__, "command": " ".join(["python", *sys.argv]),
               "date": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    print(f"wrote {write_report(args.json, report)}")
     return 0
 
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import sys
 import tempfile
@@ -43,6 +42,9 @@ import logit_cache
 from logit_cache import ChunkShuffleSampler, DistillationLoss, DumpConfig, KLDivergence, dump_cache, open_cache
 from logit_cache.data.datasets import DigitsDataset
 from logit_cache.tools import digits_mlp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_dump import write_report  # the scripts' shared helpers
 
 ARCH = "logit_cache.models:digits_mlp"
 TEACHER_KWARGS = {"hidden": 256, "depth": 2}
@@ -142,9 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         goal = "-" if row["variant"] != "cached views" else ("PASS" if row["over_labels"] <= GOAL else "FAIL")
         print(f"| {row['variant']:21s} | {row['epoch_s']:7.3f} | {row['best_s']:6.3f} | {row['data_s']:6.3f} | "
               f"{row['over_labels']:9.3f} | {goal:12s} |")
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(report, indent=1))
-    print(f"wrote {args.json}")
+    print(f"wrote {write_report(args.json, report)}")
     return 0
 
 
