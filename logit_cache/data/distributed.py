@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..errors import LogitCacheError
+from ..errors import LogitCacheError, UsageError
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,17 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def sampler_ranks(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
+    """A sampler's ``(num_replicas, rank)``: as given, else the process group's (1 and 0 without one); checked."""
+    if num_replicas is None or rank is None:
+        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
+        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if ready else 1)
+        rank = rank if rank is not None else (torch.distributed.get_rank() if ready else 0)
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise UsageError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
+    return num_replicas, rank
 
 
 def device_kind(spec: str) -> str:

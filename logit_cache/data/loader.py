@@ -34,6 +34,7 @@ from ..format.identity import canonical_json
 from ..io.rows import TargetReader
 from ..targets.batch import Targets
 from .datasets import recorded_fingerprint
+from .distributed import sampler_ranks
 from .replay import ViewFn, default_view, remember_wrapper, replay_items, warn_epochless_views, wrappers_of
 from .tokens import collate_token_targets, concat_sequences, slice_sequence
 
@@ -285,16 +286,6 @@ def _collate_tokens(batch: Any) -> tuple:
     return inputs, labels, targets[0] if len(targets) == 1 else targets
 
 
-def _distributed_defaults(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
-    if num_replicas is None or rank is None:
-        ready = torch.distributed.is_available() and torch.distributed.is_initialized()
-        num_replicas = num_replicas if num_replicas is not None else (torch.distributed.get_world_size() if ready else 1)
-        rank = rank if rank is not None else (torch.distributed.get_rank() if ready else 0)
-    if num_replicas < 1 or not 0 <= rank < num_replicas:
-        raise UsageError(f"rank {rank} is not in [0, num_replicas={num_replicas})")
-    return num_replicas, rank
-
-
 class ChunkShuffleSampler(Sampler[int]):
     """Seeded, epoch-aware, chunk-aware shuffling, partitioned across distributed ranks.
 
@@ -330,7 +321,7 @@ class ChunkShuffleSampler(Sampler[int]):
         self.num_samples, self.shuffle, self.seed = int(num_samples), bool(shuffle), int(seed)
         self.block_size = int(block_size)
         self.window = None if window is None else max(self.block_size, int(window))
-        self.num_replicas, self.rank = _distributed_defaults(num_replicas, rank)
+        self.num_replicas, self.rank = sampler_ranks(num_replicas, rank)
         self.drop_last = bool(drop_last)
         #: Yield ``(index, epoch)`` pairs: how a replay cache's wrapper learns the epoch in worker processes
         #: (a ``set_epoch`` on the main process's wrapper does not reach persistent workers' copies).

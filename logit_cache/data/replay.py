@@ -62,10 +62,6 @@ def preserved_rng() -> Iterator[None]:
         random.setstate(python_state)
 
 
-def seed_item(seed: int, index: int, view: int) -> None:
-    _seed_generators(*item_seeds(seed, index, view))
-
-
 def _seed_generators(torch_seed: int, numpy_seed: int, python_seed: int) -> None:
     torch.default_generator.manual_seed(torch_seed)  # the CPU generator only: torch.manual_seed costs ~100 us (all devices)
     np.random.seed(numpy_seed)

@@ -332,13 +332,13 @@ class DistillationLoss(nn.Module):
             if labels is None:
                 raise UsageError("outside the KD window the loss is the ground-truth loss, which needs labels")
             return self.ce_loss(student_logits, labels)
+        if self.org_loss_weight and labels is None:
+            raise UsageError("org_loss_weight > 0 needs labels; set org_loss_weight=0 for unlabeled data")
         fused = self._fused(student_logits, labels, target)
         if fused is not None:
             return fused
         loss = self.kd_loss_weight * self.kd(student_logits, target)
         if self.org_loss_weight:
-            if labels is None:
-                raise UsageError("org_loss_weight > 0 needs labels; set org_loss_weight=0 for unlabeled data")
             loss = loss + self.org_loss_weight * self.ce_loss(student_logits, labels)
         return loss
 
@@ -349,19 +349,17 @@ class DistillationLoss(nn.Module):
         kd, ce = self.kd, self.ce_loss
         if type(kd) is not KLDivergence or type(ce) is not nn.CrossEntropyLoss or not torch.is_grad_enabled():
             return None
+        if kd.tail == "renormalize":  # K-wide only: the unfused loss is cheap there
+            return None
         if ce.weight is not None or ce.label_smoothing or ce.reduction != "mean" or student_logits.dim() != 2:
             return None
         if isinstance(target, (list, tuple)):
             if len(target) != 1:
                 return None
             (target,) = target
-        if self.org_loss_weight and labels is None:
-            raise UsageError("org_loss_weight > 0 needs labels; set org_loss_weight=0 for unlabeled data")
         if kd.temperature <= 0:
             raise UsageError(f"temperature must be positive, got {kd.temperature}")
         single = _as_targets(target, student_logits.device)
         tail = _check(student_logits, single, kd.tail)
-        if tail == "renormalize":
-            return None
         return fused_distillation_loss(student_logits, labels if self.org_loss_weight else None, single, kd.temperature,
                                        tail, self.kd_loss_weight, self.org_loss_weight, ce.ignore_index)
