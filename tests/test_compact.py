@@ -105,7 +105,8 @@ def test_plain_is_the_identity() -> None:
 def test_plain_specs_are_the_logical_arrays() -> None:
     specs = {s.name: s for s in stored_specs("topk", 7, 70_000, "float16", "plain")}
     assert [(n, s.dtype, s.row_shape) for n, s in specs.items()] == [
-        ("topk_logits", "float16", (7,)), ("topk_indices", "int32", (7,)), ("logsumexp", "float32", ())]
+        ("topk_logits", "float16", (7,)), ("topk_indices", "int32", (7,)), ("logsumexp", "float32", ()),
+        ("topk_log_tail", "float32", ())]
     assert all(s.compress and s.per == "row" for s in specs.values())
     specs = {s.name: s for s in stored_specs("sampled", 300, 1000, "float32", "plain", sampled_logits=True)}
     assert [(n, s.dtype, s.row_shape) for n, s in specs.items()] == [

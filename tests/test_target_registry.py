@@ -67,7 +67,7 @@ def test_the_built_in_kinds_are_registered_in_order():
     assert kind_names() == ("full", "topk", "sampled")
     assert kind_names() == targets.MODES
     assert targets.TARGET_ARRAYS["topk"] == ("topk_logits", "topk_indices", "logsumexp")
-    assert targets.OPTIONAL_TARGET_ARRAYS == {"sampled": ("sampled_logits",)}
+    assert targets.OPTIONAL_TARGET_ARRAYS == {"topk": ("topk_log_tail",), "sampled": ("sampled_logits",)}
     assert [get_kind(name).width_field for name in kind_names()] == [None, "k", "m"]
     assert get_kind("topk").label(5) == "top5" and get_kind("sampled").label(50) == "sample50" and get_kind("full").label(None) == "full"
     assert get_kind("topk").describe(5) == "top-5" and get_kind("full").describe(None) == "full logits"

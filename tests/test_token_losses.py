@@ -65,7 +65,11 @@ def ref_topk(s: torch.Tensor, target: Targets, temperature: float, tail: str | N
         log_p, log_r = F.log_softmax(values / temperature, dim=1), None
     else:
         # tail mass at T=1, spread evenly: (C - K) exp(u) = exp(lse) * rest; floored as targets.py does
-        rest = (1.0 - torch.exp(values - lse[:, None]).sum(dim=1)).clamp(min=math.exp(LOG_MASS_FLOOR))
+        if target.log_tail is None:
+            rest = (1.0 - torch.exp(values - lse[:, None]).sum(dim=1)).clamp(min=math.exp(LOG_MASS_FLOOR))
+        else:  # the stored tail; the values keep their ratios and fill the rest (targets.topk_log_probs)
+            rest = target.log_tail.to(s.dtype).clamp(min=LOG_MASS_FLOOR).exp()
+            lse = torch.logsumexp(values, dim=1) - torch.log1p(-rest)
         u = lse + torch.log(rest) - math.log(count)
         tail_t = math.log(count) + u / temperature  # log of the tail's unnormalised mass at T
         log_z = torch.logsumexp(torch.cat([values / temperature, tail_t[:, None]], dim=1), dim=1)

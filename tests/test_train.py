@@ -209,7 +209,7 @@ def test_default_collate_also_works(work: dict[str, Path]) -> None:
 
     cache = open_cache(work["top5"])
     inputs, labels, target = next(iter(DataLoader(cache.wrap(DigitsDataset("train")), batch_size=8)))
-    assert set(target) == {"topk_logits", "topk_indices", "logsumexp"}
+    assert set(target) == {"topk_logits", "topk_indices", "logsumexp", "topk_log_tail"}
     with torch.no_grad():
         expected = make_teacher()(inputs)
     torch.testing.assert_close(target["topk_indices"].long(), expected.topk(5).indices)  # the dump selects in float32

@@ -88,7 +88,7 @@ def test_a_good_cache_verifies_with_and_without_the_teacher(caches, teacher, key
     assert plain.ok and plain.failures == [], plain.failures
     kinds = [check.kind for check in plain.checks]
     assert kinds.count("shard") == 3 and kinds.count("checksum") == 3
-    assert kinds.count("arrays") == 3 * (2 if key[1] == "full" else 4)  # values (+ ids, logsumexp) and labels, per shard
+    assert kinds.count("arrays") == 3 * {"full": 2, "topk": 5}.get(key[1], 4)  # values (+ ids, logsumexp, tail) and labels, per shard
     assert "sample" not in kinds
 
     full = verify_cache(cache, **with_teacher(teacher))
@@ -104,10 +104,10 @@ def test_the_cli_on_a_good_cache(cli, caches, teacher):
     cache = caches["hdf5", "topk", "float16"]
     result = cli("verify", cache)
     assert result.exit_code == 0, result.output
-    assert lines_of(result) == [f"ok: {cache}: 3 shard(s), 12 array(s) verified"]
+    assert lines_of(result) == [f"ok: {cache}: 3 shard(s), 15 array(s) verified"]
     result = cli("verify", cache, *teacher_args(teacher), "--samples", "5", "--seed", "7")
     assert result.exit_code == 0, result.output
-    assert lines_of(result) == [f"ok: {cache}: 3 shard(s), 12 array(s), 5 sample(s) against the teacher verified"]
+    assert lines_of(result) == [f"ok: {cache}: 3 shard(s), 15 array(s), 5 sample(s) against the teacher verified"]
 
 
 def test_json_output(cli, caches, copy_of, teacher):

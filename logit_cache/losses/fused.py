@@ -130,6 +130,6 @@ def fused_distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor |
         teacher: tuple[torch.Tensor, ...] = (teacher_z, p, lse_p)
         tail = DENSE
     else:
-        log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, target.num_classes)
+        log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, target.num_classes, target.log_tail)
         teacher = (log_p, log_rest, target.indices)
     return _FusedCEKD.apply(student_logits, labels, teacher, temperature, tail, kd_weight, ce_weight, ignore_index)

@@ -200,7 +200,7 @@ def _topk_kl(student_logits: torch.Tensor, target: Targets, temperature: float, 
         teacher = F.log_softmax(target.values / temperature, dim=-1)  # (B, K)
         student = F.log_softmax(student_logits.float().gather(1, ids) / temperature, dim=-1)
         return F.kl_div(student, teacher, reduction="sum", log_target=True)
-    log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, target.num_classes)  # (B, K), (B,)
+    log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, target.num_classes, target.log_tail)  # (B, K), (B,)
     return _TopkKL.apply(student_logits, log_p, log_rest, ids, temperature, tail == "rest")
 
 
@@ -214,7 +214,7 @@ def _dense(target: Targets, temperature: float, tail: str) -> tuple[torch.Tensor
     if tail == "renormalize":
         top = F.softmax(target.values / temperature, dim=-1)
         return torch.zeros(rows, classes, device=top.device).scatter_(1, target.indices, top), support
-    log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, classes)
+    log_p, log_rest = topk_log_probs(target.values, target.logsumexp, temperature, classes, target.log_tail)
     fill = (log_rest.exp() / max(1, classes - k))[:, None] if tail == "rest" else log_p.new_zeros(rows, 1)
     probs = fill.expand(rows, classes).clone().scatter_(1, target.indices, log_p.exp())
     return probs, support

@@ -104,7 +104,8 @@ def token_kd_loss(student_logits: torch.Tensor, target: Targets, temperature: fl
         log_q = F.log_softmax(student_logits.gather(1, ids).float() / temperature, dim=-1)
         total = F.kl_div(log_q, log_p, reduction="sum", log_target=True)
         return total * scale
-    log_p, log_rest = topk_log_probs(values, target.logsumexp.detach(), temperature, target.num_classes)  # (N, K), (N,)
+    log_tail = None if target.log_tail is None else target.log_tail.detach()
+    log_p, log_rest = topk_log_probs(values, target.logsumexp.detach(), temperature, target.num_classes, log_tail)  # (N, K), (N,)
     if tail == "rest":
         total = _ChunkedTokenKD.apply(student_logits, "rest", temperature, chunk_tokens, ids, log_p, log_rest)
         return total * scale

@@ -53,11 +53,15 @@ def sample_unique(raw: torch.Tensor, m: int, sample_temperature: float, generato
     (ascending, left-aligned, 0-padded) and their counts, both (B, M).
 
     Rows flagged not ``finite`` draw from a uniform stand-in (they are reported and never stored).
+    ``raw`` in any float dtype: the softmax is float32, made from ``raw`` directly (one [B, C] float32
+    tensor, the one the draws need; a second only at ``Ts != 1``).
     """
-    scaled = raw / sample_temperature if sample_temperature != 1.0 else raw
+    if sample_temperature != 1.0:
+        probs = torch.softmax(raw.to(torch.float32, copy=True).div_(sample_temperature), dim=1)  # (B, C)
+    else:
+        probs = torch.softmax(raw, dim=1, dtype=torch.float32)  # (B, C)
     if finite is not None:
-        scaled = torch.where(finite[:, None], scaled, torch.zeros_like(scaled))
-    probs = torch.softmax(scaled, dim=1)  # (B, C)
+        probs.masked_fill_(~finite[:, None], 1.0 / raw.shape[1])  # the softmax of a zero row, in place
     draws = torch.multinomial(probs, m, replacement=True, generator=generator)  # (B, M)
     ordered = draws.sort(dim=1).values
     first = torch.ones_like(ordered, dtype=torch.bool)
@@ -83,7 +87,8 @@ class Targets:
     """A batch of cached teacher targets, as :meth:`LogitCache.collate` delivers them.
 
     Full mode fills ``logits`` (B, C). Top-k mode fills ``values`` (B, K) raw logits, descending,
-    ``indices`` (B, K) class ids and ``logsumexp`` (B,) over all C raw logits. Sampled mode fills
+    ``indices`` (B, K) class ids, ``logsumexp`` (B,) over all C raw logits and, from caches that store
+    it, ``log_tail`` (B,) the log of the mass outside the top k at T=1 (else None). Sampled mode fills
     ``indices`` (B, M) unique drawn ids, ``counts`` (B, M) their counts (0 pads), ``logsumexp``
     (B,), ``sample_temperature`` (Ts) and, when Ts != 1, ``values`` (B, M) the drawn ids' raw logits.
 
@@ -104,6 +109,7 @@ class Targets:
     counts: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     sample_temperature: float = 1.0
+    log_tail: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self._rows_tensor())
@@ -200,19 +206,33 @@ def _logsumexp_sorted(x: torch.Tensor) -> torch.Tensor:
 
 
 def topk_log_probs(
-    values: torch.Tensor, logsumexp: torch.Tensor, temperature: float, num_classes: int
+    values: torch.Tensor, logsumexp: torch.Tensor, temperature: float, num_classes: int, log_tail: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The teacher's log-probabilities at ``temperature``: of its top-k (B, K) and of the tail (B,).
 
     Uses the tail model of the module docstring; at T=1 both are exact. Logs are floored at
     ``LOG_MASS_FLOOR`` (an empty or vanishing tail), never -inf.
+
+    ``log_tail`` (B,): the tail's log-mass at T=1 as the cache stores it (``topk_log_tail``), used
+    instead of ``log(1 - sum_k exp(v_k - logsumexp))``, which cancels for confident rows. Values
+    rounded to float16 then no longer sum to exactly ``1 - tail``, so the top-k is renormalised to
+    that mass: the values keep their ratios (the stored logits as they are) and the row's total is
+    taken as ``logsumexp(values) - log(1 - tail)`` instead of ``logsumexp``, so that top + tail sums to
+    1 and the tail is exactly the stored one. Rounding moves mass between the top-k entries (as it
+    always did), never into or out of the tail.
     """
     values, logsumexp = values.float(), logsumexp.float()
     tail_count = num_classes - values.shape[-1]
-    # log of the stored top-k's mass at T=1 (<= 0 up to float16 rounding of the values)
-    log_top_mass = _logsumexp_sorted(values - logsumexp[..., None]).clamp(max=0.0)
-    # log(1 - exp(x)) without cancellation: -expm1 keeps the digits of a tiny tail
-    log_tail_mass = torch.log(-torch.expm1(log_top_mass)).clamp(min=LOG_MASS_FLOOR)
+    if log_tail is None:
+        # log of the stored top-k's mass at T=1 (<= 0 up to float16 rounding of the values)
+        log_top_mass = _logsumexp_sorted(values - logsumexp[..., None]).clamp(max=0.0)
+        # log(1 - exp(x)) without cancellation: -expm1 keeps the digits of a tiny tail
+        log_tail_mass = torch.log(-torch.expm1(log_top_mass)).clamp(min=LOG_MASS_FLOOR)
+    else:
+        log_tail_mass = log_tail.float().clamp(min=LOG_MASS_FLOOR, max=0.0)
+        # log(1 - tail), floored like the tail: a top-k of (nearly) no mass keeps a finite total
+        log_top_mass = torch.log(-torch.expm1(log_tail_mass)).clamp(min=LOG_MASS_FLOOR)
+        logsumexp = _logsumexp_sorted(values) - log_top_mass
     scaled = values / temperature
     if tail_count == 0:
         log_z = _logsumexp_sorted(scaled)

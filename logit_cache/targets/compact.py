@@ -25,14 +25,17 @@ decoding any subset of rows, in any order, gives exactly the same rows as decodi
     ``topk_codes``       [K]      uint8    c_j = round(255 * sqrt(p_j)) for the id s_j, where
                                            p_j = exp(v_j - logsumexp) (clipped to [0, 1]) is the
                                            value's probability at T=1 (round half to even)
-    ``topk_log_tail``    []       float16  log(1 - sum_j p_j), the tail's log-mass, computed in
-                                           float64 from the values given; ``LOG_MASS_FLOOR``
-                                           (-80) when the tail is empty or the sum reaches 1
-                                           by rounding
+    ``topk_log_tail``    []       float32  log(1 - sum_j p_j), the tail's log-mass: the logical
+                                           array of the same name as the device computed it
+                                           (exact, from every logit); from caches without it,
+                                           computed in float64 from the values given.
+                                           ``LOG_MASS_FLOOR`` (-80) when the tail is empty or the
+                                           sum reaches 1 by rounding. (Caches written before
+                                           2026-12-03 store it as float16; they read alike.)
     ``logsumexp``        []       float32  unchanged (exact)
     ===================  =======  =======  ===================================================
 
-    A row is K * |idx| + K + 2 + 4 bytes before compression (K=128 with int32 ids: 646, against
+    A row is K * |idx| + K + 4 + 4 bytes before compression (K=128 with int32 ids: 646, against
     772 plain with float16 values). Arrays are C-order, little-endian as Zarr's ``bytes`` codec writes them.
 
     Decoding: ids s = cumsum(g + 1) - 1. Each code gives q_j = c_j / 255 (code 0 gives 0.25 / 255,
@@ -183,7 +186,7 @@ def topk_specs(width: int, num_classes: int) -> list[ArraySpec]:
     return [
         ArraySpec("topk_id_gaps", ids, (width,), compress=True),
         ArraySpec("topk_codes", "uint8", (width,), compress=True),
-        ArraySpec("topk_log_tail", "float16", (), compress=True),
+        ArraySpec("topk_log_tail", "float32", (), compress=True),
         ArraySpec("logsumexp", "float32", (), compress=True),
     ]
 
@@ -259,8 +262,9 @@ def encode_arrays(mode: str, arrays: Mapping[str, np.ndarray], encoding: str, nu
 
 def encode_topk(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
     """Compact top-k rows (module docstring) from the logical arrays."""
-    _require(arrays, _TOPK_PLAIN, (), "compact top-k encoding", UsageError)
-    return _encode_topk(arrays["topk_logits"], arrays["topk_indices"], arrays["logsumexp"], num_classes)
+    _require(arrays, _TOPK_PLAIN, ("topk_log_tail",), "compact top-k encoding", UsageError)
+    return _encode_topk(arrays["topk_logits"], arrays["topk_indices"], arrays["logsumexp"], num_classes,
+                        arrays.get("topk_log_tail"))
 
 
 def encode_sampled(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[str, np.ndarray]:
@@ -286,7 +290,8 @@ def encode_sampled(arrays: Mapping[str, np.ndarray], num_classes: int) -> dict[s
     return out
 
 
-def _encode_topk(values: np.ndarray, ids: np.ndarray, logsumexp: np.ndarray, num_classes: int) -> dict[str, np.ndarray]:
+def _encode_topk(values: np.ndarray, ids: np.ndarray, logsumexp: np.ndarray, num_classes: int,
+                 device_tail: np.ndarray | None = None) -> dict[str, np.ndarray]:
     values, ids, logsumexp = np.asarray(values), np.asarray(ids), np.asarray(logsumexp)
     if values.shape != ids.shape or values.ndim != 2 or logsumexp.shape != values.shape[:1]:
         raise UsageError(f"topk_logits {values.shape}, topk_indices {ids.shape} and logsumexp {logsumexp.shape} "
@@ -301,11 +306,13 @@ def _encode_topk(values: np.ndarray, ids: np.ndarray, logsumexp: np.ndarray, num
         # from float16 sums), floored like targets.topk_log_probs floors it
         top_mass = np.exp(log_probs).sum(axis=1)
         log_tail = np.log(np.clip(1.0 - top_mass, 0.0, None), where=top_mass < 1.0, out=np.full(len(top_mass), LOG_MASS_FLOOR))
+    if device_tail is not None:  # exact (summed on the device); the values' own may cancel
+        log_tail = np.asarray(device_tail, dtype=np.float64)
     log_tail = np.nan_to_num(np.maximum(log_tail, LOG_MASS_FLOOR), nan=LOG_MASS_FLOOR)
     return {
         "topk_id_gaps": _gaps(sorted_ids, None, num_classes),
         "topk_codes": codes,
-        "topk_log_tail": log_tail.astype(np.float16),
+        "topk_log_tail": log_tail.astype(np.float32),
         "logsumexp": logsumexp,
     }
 
@@ -370,7 +377,8 @@ def _decode_topk(stored: Mapping[str, np.ndarray], num_classes: int, dtype: str)
     logsumexp = np.asarray(stored["logsumexp"])
     # rescale so the row's probabilities sum to 1 - tail mass (in log space: one shift per row, float64)
     # (a top-k mass below float16's reach, < 3e-8, would read as 0: floored so the logits stay finite)
-    log_top = np.log(np.maximum(-np.expm1(stored["topk_log_tail"].astype(np.float64)), np.exp(LOG_MASS_FLOOR)))
+    log_tail = np.asarray(stored["topk_log_tail"]).astype(np.float32)  # float16 in caches written before 2026-12-03
+    log_top = np.log(np.maximum(-np.expm1(log_tail.astype(np.float64)), np.exp(LOG_MASS_FLOOR)))
     shift = log_top - np.log(np.square(roots).sum(axis=1, dtype=np.float64)) + logsumexp
     logits = np.log(roots)
     logits *= 2
@@ -379,4 +387,5 @@ def _decode_topk(stored: Mapping[str, np.ndarray], num_classes: int, dtype: str)
         "topk_logits": logits.astype(dtype, copy=False),
         "topk_indices": ids.astype(index_dtype(num_classes)),
         "logsumexp": logsumexp,
+        "topk_log_tail": log_tail,  # the values are rescaled to it: the loss reads the same tail
     }

@@ -1,4 +1,8 @@
-"""The ``full`` kind: every logit of every row, ``logits`` [B, C] in the storage dtype (stored plain)."""
+"""The ``full`` kind: every logit of every row, ``logits`` [B, C] in the storage dtype (stored plain).
+
+Encoding is two passes over the logits in their own dtype: their extremes (one ``aminmax``: NaN/inf
+rows, and values that overflow the storage dtype) and the cast to the storage dtype (none when the
+dtypes agree); no float32 copy first."""
 
 from __future__ import annotations
 
@@ -10,7 +14,8 @@ import torch
 
 from ..store.base import ArraySpec
 from .batch import Targets, lengths_field
-from .encoded import EncodedBatch, inspect_logits
+from .dtypes import torch_dtype
+from .encoded import EncodedBatch, check_logits
 from .registry import TargetKind
 
 
@@ -28,9 +33,14 @@ class FullLogits(TargetKind):
 
     def encode(self, raw: torch.Tensor, width: int | None, dtype: str, *, sample_temperature: float = 1.0,
                generator: torch.Generator | None = None) -> EncodedBatch:
-        seen = inspect_logits(raw, dtype)
-        mass = seen.raw.new_full((), float(len(seen.raw)))  # a fill on the device, not a host copy
-        return EncodedBatch({"logits": seen.raw.to(seen.store_dtype)}, seen.nonfinite, seen.overflows(seen.extremes), mass)
+        logits = check_logits(raw)
+        low, high = torch.aminmax(logits, dim=1)  # (B,) each, one pass
+        extremes = torch.stack([high, low], dim=1).float()  # (B, 2); NaN propagates
+        nonfinite = ~torch.isfinite(extremes).all(dim=1)
+        store = torch_dtype(dtype)
+        overflow = ~torch.isfinite(extremes.to(store)).all(dim=1) & ~nonfinite
+        mass = extremes.new_full((), float(len(logits)))  # a fill on the device, not a host copy
+        return EncodedBatch({"logits": logits.to(store)}, nonfinite, overflow, mass)
 
     def array_specs(self, width: int | None, num_classes: int, dtype: str, *, sampled_logits: bool = False) -> list[ArraySpec]:
         return [ArraySpec("logits", dtype, (num_classes,))]

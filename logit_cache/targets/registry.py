@@ -42,6 +42,8 @@ class TargetKind:
     #: Logical arrays a loader reads (always present), and those present only sometimes.
     target_arrays: tuple[str, ...] = ()
     optional_arrays: tuple[str, ...] = ()
+    #: Stored arrays that older caches hold in another dtype, read alike: name -> those dtypes.
+    older_dtypes: Mapping[str, tuple[str, ...]] = {}
     #: Arrays of logit values in the value dtype (what ``convert --dtype`` changes).
     value_arrays: tuple[str, ...] = ()
     #: Supports ``encoding="compact"`` (then :meth:`compact_specs`, :meth:`compact_encode`, :meth:`compact_decode`).

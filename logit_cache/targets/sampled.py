@@ -4,7 +4,11 @@ replacement, from ``softmax(logits / Ts)``; stored as the row's unique ids ascen
 uint16), left-aligned, the rest padded with id 0 and count 0 (so counts sum to M). At ``Ts = 1``,
 ``counts / M`` is an unbiased estimate of the teacher's probabilities. At ``Ts != 1`` the raw logits of
 the drawn ids are stored too (``sampled_logits`` [B, M]) so that a loss can apply the importance
-weights ``p_T(x) / q_Ts(x)``; ``logsumexp`` [B] is stored in both cases. Per-token caches only."""
+weights ``p_T(x) / q_Ts(x)``; ``logsumexp`` [B] is stored in both cases. Per-token caches only.
+
+Encoding reads the logits in their own dtype: one ``aminmax`` (bad rows, the overflow check), the
+logsumexp in one chunked pass from the max (``encoded.logsumexp_rows``), and the softmax the draws
+need, in float32, made straight from the logits (no float32 copy of the block before it)."""
 
 from __future__ import annotations
 
@@ -18,8 +22,8 @@ from ..errors import UsageError
 from ..store.base import ArraySpec
 from .batch import Targets, lengths_field, sample_unique
 from .compact import decode_sampled, encode_sampled, sampled_specs
-from .dtypes import count_dtype, index_dtype
-from .encoded import EncodedBatch, inspect_logits
+from .dtypes import count_dtype, index_dtype, torch_dtype
+from .encoded import EncodedBatch, check_logits, logsumexp_rows
 from .registry import TargetKind
 
 
@@ -56,20 +60,24 @@ class Sampled(TargetKind):
 
     def encode(self, raw: torch.Tensor, width: int | None, dtype: str, *, sample_temperature: float = 1.0,
                generator: torch.Generator | None = None) -> EncodedBatch:
-        seen = inspect_logits(raw, dtype)
+        logits = check_logits(raw)
         if width is None or width < 1:
             raise ValueError(f"m must be >= 1, got {width}")
-        lse = torch.logsumexp(seen.raw, dim=1)  # (B,)
-        ids, counts = sample_unique(seen.raw, width, sample_temperature, generator, finite=~seen.nonfinite)
+        low, high = torch.aminmax(logits, dim=1)  # (B,) each, one pass in the logits' dtype; NaN propagates
+        extremes = torch.stack([high, low], dim=1).float()  # (B, 2)
+        nonfinite = ~torch.isfinite(extremes).all(dim=1)
+        lse, _ = logsumexp_rows(logits, extremes[:, 0])  # (B,)
+        ids, counts = sample_unique(logits, width, sample_temperature, generator, finite=~nonfinite)
         arrays = {"sampled_indices": ids.to(torch.int32), "sampled_counts": counts, "logsumexp": lse}
-        overflow = torch.zeros_like(seen.nonfinite)
+        overflow = torch.zeros_like(nonfinite)
+        drawn = logits.gather(1, ids.long()).float()  # (B, M) the drawn ids' logits, exact
         if sample_temperature != 1.0:
-            drawn = seen.raw.gather(1, ids.long()).masked_fill(counts == 0, 0.0)  # (B, M), pads 0
-            arrays["sampled_logits"] = drawn.to(seen.store_dtype)
-            overflow = seen.overflows(seen.extremes)  # a drawn logit lies within the row's extremes
+            store = torch_dtype(dtype)
+            arrays["sampled_logits"] = drawn.masked_fill(counts == 0, 0.0).to(store)  # pads 0
+            overflow = ~torch.isfinite(extremes.to(store)).all(dim=1) & ~nonfinite  # a drawn logit lies within the row's extremes
         # the sampled estimate's mass of distinct ids at T=1 (what `dump` reports as coverage)
-        probs = torch.exp(seen.raw.gather(1, ids.long()) - lse[:, None]).masked_fill(counts == 0, 0.0)
-        return EncodedBatch(arrays, seen.nonfinite, overflow, probs.sum())
+        probs = torch.exp(drawn - lse[:, None]).masked_fill(counts == 0, 0.0)
+        return EncodedBatch(arrays, nonfinite, overflow, probs.sum())
 
     def array_specs(self, width: int | None, num_classes: int, dtype: str, *, sampled_logits: bool = False) -> list[ArraySpec]:
         specs = [

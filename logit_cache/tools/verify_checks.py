@@ -200,10 +200,15 @@ def check_fields(report: VerifyReport, manifest: Manifest) -> dict[str, dict[str
     wanted = {spec.name: spec.to_json() for spec in specs}
     if manifest.arrays:
         problems = []
-        for name, spec in wanted.items():
+        for name, spec in list(wanted.items()):
             listed = manifest.arrays.get(name)
-            if listed is None:
+            older = kind.older_dtypes.get(name, ())
+            if listed is None and name in kind.optional_arrays:
+                del wanted[name]  # a cache written before the array existed (readers do without it)
+            elif listed is None:
                 problems.append(f"they call for an array {name!r}, which the manifest's arrays do not list")
+            elif older and np.dtype(listed.get("dtype")) in [np.dtype(d) for d in older]:
+                wanted[name] = {**spec, "dtype": listed.get("dtype")}  # the dtype it had in older caches, read alike
             elif (np.dtype(listed.get("dtype")), list(listed.get("row_shape", []))) != (np.dtype(spec["dtype"]), spec["row_shape"]):
                 problems.append(f"they call for {name!r} as {spec['dtype']} {spec['row_shape']}, the manifest's arrays list "
                                 f"{listed.get('dtype')} {list(listed.get('row_shape', []))}")
