@@ -90,6 +90,25 @@ def chosen_kind(topk: int | None, sample: int | None, full: bool) -> tuple[str, 
     return (given[-1] if given else DEFAULT_KIND), topk, sample
 
 
+def placement_options() -> Callable[[F], F]:
+    """``--device-map``, ``--max-memory`` and ``--devices-per-rank``: an hf: teacher split over devices. Passed on
+    as typed; the dump's validation parses them (one place for the library and the CLI, errors naming the flag)."""
+    return _stack([
+        click.option("--device-map", metavar="auto|balanced|sequential|JSON",
+                     help="Split an hf:DIR teacher over this process's GPUs, CPU and disk (through accelerate, in the 'hf' extra): "
+                          "a placement transformers computes (auto, balanced, sequential) or a JSON object "
+                          "'{\"module.name\": device}' (device: a GPU index, cpu or disk). Inputs go to the device of the input "
+                          "embeddings. The logits, and so the cache key, do not depend on it."),
+        click.option("--max-memory", metavar="JSON",
+                     help="With --device-map: the most each device may hold, e.g. '{\"0\": \"20GiB\", \"cpu\": \"60GiB\"}'; "
+                          "what does not fit goes to the next device, then to disk (a temporary folder, removed after; TMPDIR "
+                          "chooses where). GPU indices count from the rank's first GPU."),
+        click.option("--devices-per-rank", type=int, metavar="N",
+                     help="With --device-map under torchrun: local rank r uses GPUs r*N .. r*N+N-1 (8 GPUs, N=4: two ranks, "
+                          "each with a teacher split over 4) [default: one GPU per rank; all GPUs without torchrun]."),
+    ])
+
+
 def quiet_option(help_text: str = "No progress bar and no log lines; only the summary and errors.") -> Callable[[F], F]:
     return click.option("--quiet", "-q", is_flag=True, help=help_text)
 

@@ -14,7 +14,16 @@ from ..specs import parse_json_kwargs
 from ..targets.compact import ENCODINGS
 from ..teachers.runtime import PRECISIONS
 from .common import describe_targets, fail, human_bytes, rank, setup_logging, what
-from .options import BACKEND_CHOICE, DTYPE_CHOICE, chosen_kind, dataset_text_options, quiet_option, target_options, teacher_options
+from .options import (
+    BACKEND_CHOICE,
+    DTYPE_CHOICE,
+    chosen_kind,
+    dataset_text_options,
+    placement_options,
+    quiet_option,
+    target_options,
+    teacher_options,
+)
 
 TEACHER_HELP = (
     "Teacher checkpoint: a state_dict (plain, {'model': ...}, Lightning, Composer; needs --arch), "
@@ -61,7 +70,12 @@ TEACHER_HELP = (
                    "up to 8 with a GPU].")
 @click.option("--device", default="auto", show_default=True, help="auto (the GPU when there is one), cpu, cuda or cuda:N.")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
-              help="Teacher compute precision; bf16/fp16 run under torch.autocast. Top-k and logsumexp are always float32.")
+              help="Teacher precision: bf16/fp16 load and hold the weights in that dtype (hf:DIR and state dicts are read "
+                   "straight into it; TorchScript, .pt2 and pickled modules are cast after loading) and run under "
+                   "torch.autocast. Top-k and logsumexp are always float32.")
+@placement_options()
+@click.option("--writer-threads", type=int, default=None, metavar="N",
+              help="Host threads that convert/encode batches for the writer [default: min(4, cores)].")
 @click.option("--shard-rows", type=int, default=None,
               help="Rows per shard [default: about 256 MiB of arrays per shard]. Smaller shards resume with less rework.")
 @click.option("--views", type=int, default=1, show_default=True,
@@ -77,6 +91,7 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
                  dataset_kwargs: str | None, out: Path | None, cache_root: Path | None, no_wait: bool, topk: int | None,
                  sample: int | None, sample_temperature: float, full: bool, encoding: str, temperature: float, dtype: str,
                  backend: str, batch_size: int, num_workers: int | None, device: str, precision: str,
+                 device_map: str | None, max_memory: str | None, devices_per_rank: int | None, writer_threads: int | None,
                  shard_rows: int | None, views: int, seed: int | None, resume: bool, overwrite: bool, quiet: bool) -> None:
     """Run a teacher over a dataset once and cache its logits.
 
@@ -93,7 +108,9 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
       logit-cache dump --teacher hf:models/my-lm --dataset tokens:train.npy --out caches/lm-s50 --sample 50
       logit-cache dump --teacher hf:models/my-lm --dataset hf:data/train.jsonl --text-column text --seq-len 512 \\
           --out caches/lm-top32 --topk 32
+      logit-cache dump --teacher hf:models/llama-70b --precision bf16 --device-map auto ...  # split over the GPUs
       torchrun --nproc_per_node=2 -m logit_cache dump ...   # each rank writes its own shards
+      torchrun --nproc_per_node=2 -m logit_cache dump --device-map auto --devices-per-rank 4 ...  # 2 ranks x 4 GPUs
     """
     setup_logging(quiet)
     if out is not None and click.get_current_context().get_parameter_source("cache_root") is ParameterSource.ENVIRONMENT:
@@ -122,6 +139,10 @@ def dump_command(teacher: str, arch: str | None, arch_kwargs: str | None, trust_
             num_workers=num_workers,
             device=device,
             precision=precision,
+            device_map=device_map,
+            max_memory=max_memory,
+            devices_per_rank=devices_per_rank,
+            writer_threads=writer_threads,
             shard_rows=shard_rows,
             views=views,
             seed=seed,

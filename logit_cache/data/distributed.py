@@ -68,7 +68,9 @@ def init_distributed(device_kind: str) -> Dist:
         return Dist(owns_group=owns)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = str(dist.get_backend()).lower()
-    collective = "cpu" if owns or "gloo" in backend or "mpi" in backend else f"cuda:{local_rank}"
+    # a caller's NCCL-only group: its tensors go to the current GPU, which is the rank's first one also when a
+    # rank holds several (--devices-per-rank), not necessarily GPU LOCAL_RANK
+    collective = "cpu" if owns or "gloo" in backend or "mpi" in backend else "cuda"
     return Dist(dist.get_rank(), dist.get_world_size(), local_rank, owns, collective)
 
 

@@ -248,7 +248,8 @@ class TokenWindows(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         start = int(self.starts[index])
-        return torch.from_numpy(np.asarray(self.ids[start : start + self.seq_len], dtype=np.int64))
+        # a copy (seq_len ids): a read-only memmap would give torch a non-writable array
+        return torch.from_numpy(np.array(self.ids[start : start + self.seq_len], dtype=np.int64))
 
     def token_lengths(self) -> np.ndarray:
         return np.minimum(self.starts + self.seq_len, len(self.ids)) - self.starts

@@ -17,7 +17,9 @@ A cache holds what one teacher said about one dataset under one encoding. Three 
   unsampled items is not seen (hashing every item would cost a full pass over the data).
 * **Key**: a short SHA-256 of the canonical JSON (sorted keys) of what determines the stored
   content: format version, teacher hash, dataset fingerprint, mode, k or m, views, seed and dtype,
-  and the teacher's compute precision when it is not fp32 (a bf16 teacher gives other logits).
+  and the teacher's compute precision when it is not fp32 (a bf16 teacher gives other logits), with
+  ``weights`` when the teacher's weights were held in that precision too (dumps since 2026-12-03:
+  autocast over float32 weights and bf16 weights round differently, so they are different caches).
   Two dumps with equal keys hold the same arrays; the backend, the shard layout and the
   temperature default do not enter the key (they change the container, not the content).
   :func:`key_payload` is the one list of these fields (a target kind adds its own through
@@ -203,6 +205,7 @@ def key_payload(
     format_version: int,
     precision: str = "fp32",
     dtype: str | None = None,
+    weights: str | None = None,
 ) -> dict[str, Any]:
     """The identity fields of a cache, the one place that lists them (see the module docstring).
 
@@ -225,6 +228,8 @@ def key_payload(
     }
     if precision != "fp32":  # bf16/fp16 teachers give other logits; fp32 keys stay as they were
         payload["precision"] = precision
+    if weights not in (None, "fp32"):  # the weights' own dtype (None: caches made before it was recorded)
+        payload["weights"] = weights
     payload.update(get_kind(record.mode).key_fields(record))
     encoding = getattr(record, "encoding", "plain")
     if encoding != "plain":
@@ -238,10 +243,10 @@ def key_of(payload: Mapping[str, Any]) -> str:
 
 
 def record_key(record: Any, *, teacher_sha256: str, dataset_fingerprint: str, format_version: int,
-               precision: str = "fp32", dtype: str | None = None) -> str:
+               precision: str = "fp32", dtype: str | None = None, weights: str | None = None) -> str:
     """The key of a cache about to be made from ``record`` (a DumpConfig): the dump's key."""
     return key_of(key_payload(record, teacher_sha256=teacher_sha256, dataset_fingerprint=dataset_fingerprint,
-                              format_version=format_version, precision=precision, dtype=dtype))
+                              format_version=format_version, precision=precision, dtype=dtype, weights=weights))
 
 
 def manifest_key(manifest: Any, *, dtype: str | None = None) -> str:
@@ -254,6 +259,7 @@ def manifest_key(manifest: Any, *, dtype: str | None = None) -> str:
         format_version=manifest.format_version,
         precision=str(manifest.dump.get("precision", "fp32")),  # as the dump keyed it
         dtype=dtype,
+        weights=manifest.dump.get("weights"),
     )
 
 

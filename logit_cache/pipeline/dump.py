@@ -57,8 +57,9 @@ from ..store import BACKENDS, DEFAULT_BACKEND, get_backend
 from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES, get_kind
 from ..targets.compact import ENCODINGS
 from ..targets.tokens import TOKEN_CHUNK, encode_tokens  # noqa: F401  (TOKEN_CHUNK moved to targets.tokens)
+from ..teachers.placement import parse_device_map, parse_max_memory
 from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher  # noqa: F401  (re-exported: scripts)
-from ..teachers.sources import Teacher, load_teacher
+from ..teachers.sources import Teacher, is_hf_spec, load_teacher
 from .batches import default_num_workers, make_batches, make_loader, run_shards  # noqa: F401  (moved to pipeline.batches)
 from .distributed import Dist, destroy, device_kind, init_distributed, phase, reduce_stats, sync
 from .prepare import Prepared, in_progress_manifest, prepare, probe_classes, writing
@@ -101,6 +102,14 @@ class DumpConfig:
     cache_root: str | None = None
     #: Wait for another dump writing the same cache (else fail at once).
     wait: bool = True
+    #: Split an hf: teacher over devices (teachers/placement.py): auto, balanced, sequential or {"module": device}
+    #: (JSON or a dict); max_memory budgets each device ({"0": "20GiB", "cpu": "60GiB", "disk": ...}); under
+    #: torchrun, devices_per_rank N gives local rank r the GPUs r*N .. r*N+N-1. None of them enters the key.
+    device_map: str | dict[str, Any] | None = None
+    max_memory: str | dict[str, Any] | None = None
+    devices_per_rank: int | None = None
+    #: Host threads that convert/encode batches for the writer (None: min(4, cores)).
+    writer_threads: int | None = None
 
     def validate(self) -> None:
         """Reject bad or incompatible options before any work (or any file) is done."""
@@ -123,7 +132,7 @@ class DumpConfig:
         if self.encoding not in ENCODINGS:
             raise UsageError(f"--encoding {self.encoding!r} is not one of {', '.join(ENCODINGS)}")
         if self.encoding != "plain" and not kind.compact:
-            raise UsageError("--encoding compact applies to --topk and --sample caches; full logits are stored plain")
+            raise UsageError(f"--encoding {self.encoding} applies to --topk and --sample caches; full logits are stored plain")
         if self.dtype not in VALUE_DTYPES:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
         if self.backend not in BACKENDS:
@@ -142,6 +151,25 @@ class DumpConfig:
             raise UsageError("--resume and --overwrite are exclusive: resume keeps finished shards, overwrite discards them")
         if self.views < 1:
             raise UsageError(f"--views must be >= 1, got {self.views}")
+        if self.writer_threads is not None and self.writer_threads < 1:
+            raise UsageError(f"--writer-threads must be >= 1, got {self.writer_threads}")
+        self._validate_placement()
+
+    def _validate_placement(self) -> None:
+        """--device-map and its companions: parsed here so a typo fails before any work, naming the flag."""
+        parse_device_map(self.device_map)
+        parse_max_memory(self.max_memory)
+        if self.device_map is None:
+            given = [flag for flag, value in (("--max-memory", self.max_memory), ("--devices-per-rank", self.devices_per_rank))
+                     if value is not None]
+            if given:
+                raise UsageError(f"{' and '.join(given)} apply to a teacher split by --device-map; add --device-map auto")
+            return
+        if not is_hf_spec(self.teacher):
+            raise UsageError(f"--device-map places hf:DIR teachers (through transformers and accelerate); --teacher {self.teacher} "
+                             f"is a checkpoint file: drop --device-map, or save the model with save_pretrained and pass hf:DIR")
+        if self.devices_per_rank is not None and self.devices_per_rank < 1:
+            raise UsageError(f"--devices-per-rank must be >= 1, got {self.devices_per_rank}")
 
     def resolved(self) -> DumpConfig:
         """Validated, with the defaults that depend on other options filled in (a copy: the caller's
@@ -156,6 +184,8 @@ class DumpConfig:
             resume=self.resume or (self.cache_root is not None and not self.overwrite),
             # an hf:PATH text column with no tokenizer is tokenised by an hf:DIR teacher's own (as the CLI does)
             dataset_kwargs=with_teacher_tokenizer(self.dataset, self.dataset_kwargs, self.teacher),
+            device_map=parse_device_map(self.device_map),
+            max_memory=parse_max_memory(self.max_memory),
         )
 
 
@@ -240,7 +270,7 @@ def _compute(config: DumpConfig, prepared: Prepared, dist_info: Dist, started: f
     """Load the teacher, run it over this rank's unfinished shards, and finalize (rank 0)."""
     kind = prepared.kind
 
-    def load() -> tuple[Teacher, int]:
+    def load() -> tuple[Teacher, Prepared, int]:
         teacher = load_teacher(
             config.teacher,
             arch=config.arch,
@@ -248,10 +278,14 @@ def _compute(config: DumpConfig, prepared: Prepared, dist_info: Dist, started: f
             trust_checkpoint=config.trust_checkpoint,
             device=prepared.device,
             sha256=prepared.teacher_sha256,
+            precision=config.precision,
+            device_map=prepared.placement,
         )
-        return teacher, probe_classes(teacher, prepared)
+        # a teacher split by a device map takes its inputs (and gives its logits) on its embeddings' device
+        placed = replace(prepared, device=teacher.input_device)
+        return teacher, placed, probe_classes(teacher, placed)
 
-    teacher, num_classes = phase(dist_info, load)
+    teacher, prepared, num_classes = phase(dist_info, load)
     backend = get_backend(config.backend)
     lengths = phase(dist_info, token_lengths, prepared.resolved.dataset) if prepared.resolved.per_token else None
     layout = plan_layout(config.mode, kind.width(config), num_classes, config.dtype, prepared.resolved.has_labels,

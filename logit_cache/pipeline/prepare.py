@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from ..format.paths import output_errors, partial_path
 from ..io.lookup import find_by_key
 from ..io.writer import check_output
 from ..targets import TargetKind, get_kind
+from ..teachers.placement import Placement, resolve_placement
 from ..teachers.runtime import autocast_for, resolve_device, to_device
 from ..teachers.sources import Teacher, is_hf_spec, teacher_sha256
 from .distributed import Dist
@@ -44,6 +46,8 @@ class Prepared:
     teacher_sha256: str
     fingerprint: str
     key: str
+    #: where an hf: teacher split by --device-map goes on this rank (None: whole, on ``device``)
+    placement: Placement | None = None
 
     @property
     def kind(self) -> TargetKind:
@@ -55,7 +59,8 @@ def prepare(config: Any, dist_info: Dist) -> tuple[Prepared, Manifest | None]:
     a cache of this key is already there (then nothing needs computing)."""
     config = config.resolved()
     kind = get_kind(config.mode)
-    device = resolve_device(config.device, dist_info.local_rank)
+    placement = _placement(config, dist_info)
+    device = resolve_device(config.device, dist_info.local_rank) if placement is None else placement.first_device
     out = Path(config.out) if config.out is not None else Path()  # under a root: named once the key is known
     if not is_hf_spec(config.teacher) and not Path(config.teacher).exists():
         raise CheckpointNotFoundError(f"--teacher {config.teacher}: no such file")
@@ -74,14 +79,23 @@ def prepare(config: Any, dist_info: Dist) -> tuple[Prepared, Manifest | None]:
     teacher_digest = teacher_sha256(config.teacher)
     fingerprint = resolved.fingerprint(config.seed if not resolved.per_token else None)
     key = record_key(config, teacher_sha256=teacher_digest, dataset_fingerprint=fingerprint, format_version=FORMAT_VERSION,
-                     precision=config.precision)
+                     precision=config.precision, weights=config.precision)  # the weights are held in it too
     if config.cache_root is not None:
         root = Path(config.cache_root)
         readable = readable_name(config.dataset, config.dataset_kwargs, config.mode, kind.width(config), config.dtype,
                                  config.views, config.backend)
         out = find_by_key(root, key, config.backend) or root / cache_dir_name(readable, key)
     done = check_output(out, key, config.backend, config.resume, config.overwrite)
-    return Prepared(config, out, partial_path(out), device, resolved, teacher_digest, fingerprint, key), done
+    return Prepared(config, out, partial_path(out), device, resolved, teacher_digest, fingerprint, key, placement), done
+
+
+def _placement(config: Any, dist_info: Dist) -> Placement | None:
+    """This rank's share of the devices for a --device-map teacher (its GPUs: see teachers/placement.py)."""
+    if config.device_map is None:
+        return None
+    ranks_on_node = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    return resolve_placement(config.device_map, config.max_memory, config.devices_per_rank, config.device,
+                             dist_info.local_rank, dist_info.world_size, ranks_on_node)
 
 
 def probe_classes(teacher: Teacher, prepared: Prepared) -> int:
@@ -167,12 +181,22 @@ def in_progress_manifest(prepared: Prepared, teacher: Teacher, layout: Layout, n
         dump={
             "device": str(prepared.device),
             "precision": config.precision,
+            # the teacher's weights were held in the precision (not autocast over float32 ones): part of the key
+            "weights": config.precision,
             "batch_size": config.batch_size,
             "world_size": dist_info.world_size,
             # not part of the content: the same settings write the same bytes on any thread count (tests/test_determinism.py)
             "torch_threads": torch.get_num_threads(),
+            # where the teacher's parts ran; not part of the content either (a split teacher gives the same logits)
+            **_placement_entry(prepared, teacher),
         },
     )
+
+
+def _placement_entry(prepared: Prepared, teacher: Teacher) -> dict[str, Any]:
+    if prepared.placement is None:
+        return {}
+    return {"placement": {**prepared.placement.describe(), "placed": teacher.device_map or {}}}
 
 
 def writing(prepared: Prepared) -> contextlib.AbstractContextManager[None]:

@@ -5,6 +5,10 @@ needs ``trust_checkpoint``. Training checkpoints nest the weights (``{"model": s
 ``{"state_dict": sd}``, Composer's ``{"state": {"model": sd}}``) and wrappers prefix their keys
 (``module.``, ``model.``, ``_orig_mod.``): every (layout, prefix) reading is tried and the one whose keys
 fit the ``--arch`` model exactly wins; none fitting is a StateDictMismatchError naming the closest.
+
+Weights are held in the dtype asked (``--precision``): the file is memory-mapped (``torch.load(mmap=True)``),
+the model is built on the ``meta`` device, and each tensor is cast as it is assigned, so neither the file
+nor a float32 model is ever held whole in memory besides the result.
 """
 
 from __future__ import annotations
@@ -24,7 +28,18 @@ from torch import nn
 
 from ..errors import CheckpointError, SpecError, StateDictMismatchError, UntrustedCheckpointError
 from ..specs import resolve_callable
-from .common import MAX_LISTED, Loaded, LoadRequest, last_line, listed, refuse_arch
+from .common import (
+    MAX_LISTED,
+    Loaded,
+    LoadRequest,
+    assign_weights,
+    build_in,
+    last_line,
+    listed,
+    load_mapped,
+    parameters_on_meta,
+    refuse_arch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +56,8 @@ _PICKLED_OBJECT_MARKERS = ("GLOBAL ", "unrecognized function", "Can only create 
 def load_torch(file: Path, request: LoadRequest) -> Loaded:
     """The ``torch`` source (a ``torch.save`` file): a pickled module (trusted only) or a state dict."""
     shown, arch, kwargs = request.shown, request.arch, request.kwargs
-    obj = _torch_load(file, shown, request.trust)
-    if isinstance(obj, nn.Module):
+    obj, mapped = _torch_load(file, shown, request.trust)
+    if isinstance(obj, nn.Module):  # cast after loading, by load_teacher (its own code built it)
         refuse_arch(shown, "pickle", arch, kwargs)
         return Loaded(obj, "pickle", "pickle", "layout=pickle, keys used as saved")
     candidates = _state_dict_candidates(obj, shown)
@@ -53,19 +68,21 @@ def load_torch(file: Path, request: LoadRequest) -> Loaded:
             f"architecture; pass --arch MODULE:CALLABLE naming the function or class that builds the "
             f"model (and --arch-kwargs with its arguments as JSON)"
         )
-    model = _build_arch(arch, kwargs)
-    model, layout, stripped = _load_best_candidate(model, candidates, shown, arch, kwargs)
+    dtype = None if request.dtype == torch.float32 else request.dtype
+    model = _build_arch(arch, kwargs, dtype=dtype)
+    model, layout, stripped = _load_best_candidate(model, candidates, shown, arch, kwargs, dtype, mapped)
     detail = f"layout={layout}" + (f", stripped {stripped} from the keys" if stripped else ", keys used as saved")
-    return Loaded(model, "state_dict", layout, detail, uses_arch=True)
+    return Loaded(model, "state_dict", layout, detail, uses_arch=True, in_dtype=True)
 
 
-def _build_arch(arch: str, kwargs: Mapping[str, Any], on_meta: bool = True) -> nn.Module:
+def _build_arch(arch: str, kwargs: Mapping[str, Any], on_meta: bool = True, dtype: torch.dtype | None = None) -> nn.Module:
     """Resolve and call the --arch factory; a failure names the spec and kwargs (SpecError).
 
     With ``on_meta`` the model is first built on the ``meta`` device: no memory is allocated and no
     random initialisation runs, which the checkpoint's weights would overwrite anyway (0.2 s for a
     39M-parameter MLP, seconds for a big teacher). A factory that cannot build on ``meta`` is built
-    normally; see :func:`_load_weights` for the other fallback.
+    normally, under ``dtype`` as torch's default dtype when one is asked (so its random weights are not
+    made in float32 first), then cast; see :func:`_load_weights` for the other fallback.
     """
     factory = resolve_callable(arch, "--arch")
     if on_meta:
@@ -77,7 +94,7 @@ def _build_arch(arch: str, kwargs: Mapping[str, Any], on_meta: bool = True) -> n
         except Exception:  # some factories compute on tensors in __init__: build them for real below
             pass
     try:
-        model = factory(**kwargs)
+        model = build_in(factory, kwargs, dtype)
     except Exception as exc:
         raise SpecError(
             f"--arch {arch!r} with --arch-kwargs {json.dumps(kwargs)} failed to build the model: {exc!r}; "
@@ -85,47 +102,51 @@ def _build_arch(arch: str, kwargs: Mapping[str, Any], on_meta: bool = True) -> n
         ) from exc
     if not isinstance(model, nn.Module):
         raise SpecError(f"--arch {arch!r} returned a {type(model).__name__}, expected a torch.nn.Module")
-    return model
+    return model if dtype is None else model.to(dtype)
 
 
 def _is_on_meta(model: nn.Module) -> bool:
     return any(tensor.is_meta for tensor in (*model.parameters(), *model.buffers()))
 
 
-def _load_weights(model: nn.Module, state_dict: Any, arch: str, kwargs: Mapping[str, Any]) -> nn.Module:
+def _load_weights(model: nn.Module, state_dict: Any, arch: str, kwargs: Mapping[str, Any], dtype: torch.dtype | None = None,
+                  mapped: bool = False) -> nn.Module:
     """Load ``state_dict`` strictly into ``model``; returns the loaded model.
 
-    A model built on ``meta`` takes the checkpoint's tensors (``assign=True``), cast to the model's
-    own dtypes as a normal load would. If anything is still on ``meta`` afterwards (a buffer that is
-    not saved in state dicts, e.g. a cached position table), the model is rebuilt for real and
-    loaded the usual way, so the result never depends on the shortcut.
+    A model built on ``meta`` takes the checkpoint's tensors (``assign=True``), cast to the model's own
+    dtypes as a normal load would, or to ``dtype`` (floating-point tensors): one at a time, the pages of
+    a cast tensor of a memory-mapped file dropped after it (:func:`~.common.drop_pages`). A buffer left
+    on ``meta`` (one state dicts do not hold: rotary frequencies, a position table) makes it build the
+    model again with only its parameters on ``meta``; failing that, for real, loaded the usual way: the
+    result never depends on the shortcuts.
     """
     if not _is_on_meta(model):
         model.load_state_dict(state_dict, strict=True)
         return model
-    wanted = model.state_dict()
-    cast = type(state_dict)(
-        (key, value.to(wanted[key].dtype) if key in wanted and value.dtype != wanted[key].dtype else value)
-        for key, value in state_dict.items()
-    )
-    if hasattr(state_dict, "_metadata"):
-        cast._metadata = state_dict._metadata
-    model.load_state_dict(cast, strict=True, assign=True)
-    if not _is_on_meta(model):
-        return model
-    real = _build_arch(arch, kwargs, on_meta=False)
-    real.load_state_dict(state_dict, strict=True)
-    return real
+    saved = set(model.state_dict())
+    if any(buffer.is_meta for name, buffer in model.named_buffers() if name not in saved):
+        try:  # decided before assigning: the weights are cast once, and one model holds them
+            with parameters_on_meta():
+                model = _build_arch(arch, kwargs, on_meta=False, dtype=dtype)
+        except Exception:  # some factories compute on their parameters in __init__: built for real below
+            pass
+    if _is_on_meta(model):
+        model = assign_weights(model, state_dict, dtype, mapped)
+    if _is_on_meta(model):
+        model = _build_arch(arch, kwargs, on_meta=False, dtype=dtype)
+        model.load_state_dict(state_dict, strict=True)
+    return model
 
 
-def _torch_load(file: Path, shown: str, trust: bool) -> Any:
-    """``torch.load`` weights-only; fall back to full unpickling only for a trusted file.
+def _torch_load(file: Path, shown: str, trust: bool) -> tuple[Any, bool]:
+    """``torch.load`` weights-only; fall back to full unpickling only for a trusted file. Also says
+    whether the file is memory-mapped (see :func:`~logit_cache.teachers.common.load_mapped`).
 
     torch reports a pickled Python object and a corrupt file through the same ``UnpicklingError``; the
     "GLOBAL ..." part of its message is what tells a pickled object apart.
     """
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        return load_mapped(file, weights_only=True)
     except pickle.UnpicklingError as exc:
         message = str(exc)
         if "Weights only load failed" not in message or not any(m in message for m in _PICKLED_OBJECT_MARKERS):
@@ -148,7 +169,7 @@ def _torch_load(file: Path, shown: str, trust: bool) -> Any:
         ) from exc
     logger.warning("unpickling teacher checkpoint %s with weights_only=False (--trust-checkpoint)", shown)
     try:
-        obj = torch.load(file, map_location="cpu", weights_only=False)
+        obj, mapped = load_mapped(file, weights_only=False)
     except Exception as exc:
         hint = ""
         if isinstance(exc, (AttributeError, ImportError)):
@@ -159,7 +180,7 @@ def _torch_load(file: Path, shown: str, trust: bool) -> Any:
             f"teacher checkpoint {shown!r} holds an object of type {type(obj).__module__}.{type(obj).__qualname__}, "
             f"expected a torch.nn.Module or a state dict"
         )
-    return obj
+    return obj, mapped
 
 
 def _is_weights(value: Any) -> bool:
@@ -308,6 +329,8 @@ def _load_best_candidate(
     shown: str,
     arch: str,
     kwargs: Mapping[str, Any],
+    dtype: torch.dtype | None = None,
+    mapped: bool = False,
 ) -> tuple[nn.Module, str, str | None]:
     """Load the first (layout, prefix) reading that fits the model exactly; else report the closest.
 
@@ -342,7 +365,7 @@ def _load_best_candidate(
         # Per-module versions (e.g. BatchNorm's) steer how old checkpoints load: keep them, renamed alike.
         state_dict = _with_metadata(state_dict, metadata, exact.prefix, exact.drop_infix)
     try:
-        model = _load_weights(model, state_dict, arch, kwargs)
+        model = _load_weights(model, state_dict, arch, kwargs, dtype, mapped)
     except Exception as exc:
         raise StateDictMismatchError(
             f"teacher checkpoint {shown!r} does not load into --arch {arch!r} (--arch-kwargs "

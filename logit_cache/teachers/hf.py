@@ -1,8 +1,9 @@
 """``hf:DIR`` teachers: a local Hugging Face ``transformers`` causal LM directory (``save_pretrained``).
 
 Its config names the architecture; it is loaded with ``AutoModelForCausalLM`` from local files only
-(nothing is downloaded, no code from the directory runs), in float32, and weights the files lack are an
-error (transformers would initialise them at random). Its identity is :func:`hf_sha256`: the whole
+(nothing is downloaded, no code from the directory runs), in the dtype of ``--precision`` (float32 by
+default), and weights the files lack are an error (transformers would initialise them at random). With a
+device map (:mod:`.placement`) transformers and accelerate spread it over GPUs, CPU and disk. Its identity is :func:`hf_sha256`: the whole
 directory, config included (see :func:`~logit_cache.teachers.sources.teacher_sha256`).
 """
 
@@ -10,6 +11,9 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
+import tempfile
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -64,9 +68,11 @@ def load_hf(spec: str, request: LoadRequest) -> Loaded:
     """The ``hf`` source: ``hf:DIR`` as a causal LM, local files only, no code from the directory, every
     weight from the files; it refuses ``arch`` and needs no ``trust_checkpoint`` (nothing is unpickled).
 
-    The model is loaded in float32 whatever dtype it was saved in (transformers 5 would otherwise keep the
-    saved dtype, 4.x casts to float32): the dump's ``--precision`` chooses a reduced compute dtype through
-    autocast, and a cache key without a precision means fp32 logits.
+    The model is loaded in ``request.dtype`` whatever dtype it was saved in (transformers 5 would otherwise
+    keep the saved dtype, 4.x casts to float32): float32 by default (a cache key without a precision means
+    fp32 logits), bfloat16/float16 for ``--precision bf16/fp16``, read tensor by tensor from the memory-mapped
+    safetensors, so no float32 copy is made. A file saved in another dtype is converted as it is read: its
+    pages pass through the OS page cache (clean, reclaimable memory), the process holds only the result.
     """
     directory = hf_dir(spec)
     refuse_arch(spec, "hf", request.arch, request.kwargs)
@@ -80,8 +86,75 @@ def load_hf(spec: str, request: LoadRequest) -> Loaded:
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"teacher {spec!r}: {str(directory)!r} has no config.json, so it is not a model directory; {_HF_DIR_HOLDS}")
     transformers = _import_transformers(spec)
-    model = _hf_causal_lm(transformers, directory, spec)
-    return Loaded(model, "hf", "hf", type(model).__name__)
+    placement = request.placement
+    if placement is None:
+        model = _hf_causal_lm(transformers, directory, spec, request.dtype, {})
+        return Loaded(model, "hf", "hf", type(model).__name__, in_dtype=True)
+    _import_accelerate(spec)
+    folder = placement.offload_folder or tempfile.mkdtemp(prefix="logit-cache-offload-")
+    try:
+        model = _hf_causal_lm(transformers, directory, spec, request.dtype, _placement_kwargs(placement, folder))
+    except BaseException:
+        if placement.offload_folder is None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    if placement.offload_folder is None:  # the model reads offloaded weights from it as long as it lives
+        weakref.finalize(model, shutil.rmtree, folder, ignore_errors=True)
+    placed = {name: str(device) for name, device in (getattr(model, "hf_device_map", None) or {}).items()}
+    device = input_device(model)
+    detail = f"{type(model).__name__}, device map {placed or 'one device'}, inputs on {device}"
+    return Loaded(model, "hf", "hf", detail, in_dtype=True, input_device=device, device_map=placed or {"": str(device)})
+
+
+def _import_accelerate(spec: str) -> None:
+    """Device maps are accelerate's work (optional, in the ``hf`` extra); MissingPackageError without it."""
+    try:
+        import accelerate  # noqa: F401
+    except ImportError as exc:
+        raise MissingPackageError(
+            f"--device-map for teacher {spec!r} places the model through the accelerate package ({exc}); install it with "
+            f"pip install 'logit-cache[hf]' (or pip install accelerate)"
+        ) from exc
+
+
+def _placement_kwargs(placement: Any, folder: str) -> dict[str, Any]:
+    """``from_pretrained``'s placement arguments; a named map with no budget gets one for the rank's GPUs only."""
+    # copies: transformers rewrites the dicts it is given (sizes to bytes), and the manifest records ours
+    device_map = placement.device_map if isinstance(placement.device_map, str) else dict(placement.device_map)
+    kwargs: dict[str, Any] = {"device_map": device_map, "offload_folder": folder}
+    budgets = None if placement.max_memory is None else dict(placement.max_memory)
+    if budgets is None and isinstance(placement.device_map, str) and placement.gpus is not None:
+        # transformers' default budget covers every GPU torch sees, other ranks' too: name this rank's alone
+        import psutil  # an accelerate dependency
+
+        budgets = {gpu: int(torch.cuda.mem_get_info(gpu)[0] * 0.9) for gpu in placement.gpus}
+        budgets["cpu"] = int(psutil.virtual_memory().available * 0.9)
+    if budgets is not None and isinstance(placement.device_map, str):
+        kwargs["max_memory"] = budgets
+    return kwargs
+
+
+def input_device(model: nn.Module) -> torch.device:
+    """Where a placed model wants its inputs: the device its input embeddings run on.
+
+    accelerate runs modules placed on ``cpu`` or ``disk`` on the model's main device (its first GPU, or
+    the CPU without one) and returns the outputs to the inputs' device, so inputs on this device get the
+    logits back there, with no extra copy.
+    """
+    placed = getattr(model, "hf_device_map", None)
+    if not placed:
+        return next(iter(model.parameters())).device
+    gpus = [device for device in placed.values() if str(device) not in ("cpu", "disk")]
+    main = _as_device(gpus[0]) if gpus else torch.device("cpu")
+    embeddings = model.get_input_embeddings()
+    name = next((name for name, module in model.named_modules() if module is embeddings), "")
+    owners = [key for key in placed if key == "" or name == key or name.startswith(key + ".")]
+    where = placed[max(owners, key=len)] if owners else gpus[0] if gpus else "cpu"
+    return main if str(where) in ("cpu", "disk") else _as_device(where)
+
+
+def _as_device(value: Any) -> torch.device:
+    return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
 
 
 def _import_transformers(spec: str) -> Any:
@@ -103,7 +176,7 @@ def _dtype_argument(transformers: Any) -> str:
     return "dtype" if version >= (4, 56) else "torch_dtype"
 
 
-def _hf_causal_lm(transformers: Any, directory: Path, spec: str) -> nn.Module:
+def _hf_causal_lm(transformers: Any, directory: Path, spec: str, dtype: torch.dtype, placement: dict[str, Any]) -> nn.Module:
     """Read the config, check it describes a causal LM, load the weights, and refuse weights left random.
 
     ``from_pretrained`` initialises every weight the files lack at random and only logs it (a base
@@ -133,7 +206,8 @@ def _hf_causal_lm(transformers: Any, directory: Path, spec: str) -> nn.Module:
             local_files_only=True,
             trust_remote_code=False,
             output_loading_info=True,
-            **{_dtype_argument(transformers): torch.float32},
+            **{_dtype_argument(transformers): dtype},
+            **placement,
         )
     except Exception as exc:
         raise CheckpointError(f"cannot load teacher {spec!r} ({described}): {last_line(str(exc))}; {_HF_DIR_HOLDS}") from exc

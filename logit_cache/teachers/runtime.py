@@ -18,6 +18,17 @@ from ..errors import TeacherOutputError, UsageError
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def weights_dtype(precision: str | torch.dtype) -> torch.dtype:
+    """The dtype a teacher's weights are held in for ``--precision`` (float32 for ``fp32``); a dtype passes through."""
+    if isinstance(precision, torch.dtype):
+        if precision not in (torch.float32, *[dtype for dtype in PRECISIONS.values() if dtype is not None]):
+            raise UsageError(f"precision {precision} is not one of torch.float32, torch.bfloat16, torch.float16")
+        return precision
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    return PRECISIONS[precision] or torch.float32
+
+
 def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
     """``auto`` means the GPU when there is one; ``cuda`` under torchrun means this rank's GPU."""
     if spec == "auto":

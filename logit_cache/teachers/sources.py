@@ -45,12 +45,14 @@ from typing import Any
 
 import torch
 
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, UsageError
 from ..format.identity import file_sha256
 from .checkpoints import load_torch
 from .common import Loaded, LoadRequest, check_arch_kwargs
 from .exported import load_export, load_torchscript
 from .hf import HF_PREFIX, hf_dir, hf_sha256, is_hf_spec, load_hf
+from .placement import Placement, parse_device_map, parse_max_memory
+from .runtime import weights_dtype
 
 __all__ = [
     "HF_PREFIX",
@@ -90,6 +92,8 @@ class Teacher:
     ``module`` is ready to call: eval mode (where the format allows), parameters frozen, on the device.
     ``layout`` says where a state dict's weights were found (``plain``, ``model``, ``model_state_dict``,
     ``state_dict`` or ``composer``); for the self-contained formats it equals ``format``.
+    ``input_device`` is where its inputs go (for a teacher split by a device map: the device of its input
+    embeddings, where its logits come back too); ``device_map`` says where each part of it was placed.
     """
 
     module: Callable[..., Any]
@@ -99,6 +103,9 @@ class Teacher:
     layout: str
     arch: str | None
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    input_device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    dtype: torch.dtype = torch.float32
+    device_map: dict[str, str] | None = None
 
     def manifest_entry(self) -> dict[str, Any]:
         """The manifest's ``teacher`` object: plain JSON types only, a copy the caller may keep."""
@@ -179,11 +186,22 @@ def load_teacher(
     trust_checkpoint: bool = False,
     device: str | torch.device = "cpu",
     sha256: str | None = None,
+    precision: str | torch.dtype = "fp32",
+    device_map: str | dict[str, Any] | Placement | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
 ) -> Teacher:
     """Load a teacher checkpoint of any supported kind, ready for inference.
 
     ``sha256`` is the file's hash when the caller already computed it (the dump hashes the file
     before loading, for the cache key); hashing a multi-GB teacher twice costs seconds.
+
+    ``precision`` (``fp32``, ``bf16``, ``fp16`` or a torch dtype) is the dtype the weights are loaded and
+    held in: ``hf:`` directories and state dicts are read straight into it (no float32 copy of the model);
+    TorchScript, ``torch.export`` and pickled modules are built by their own code, so they are cast after
+    loading. ``device_map`` (``auto``, ``balanced``, ``sequential``, a ``{"module": device}`` dict or JSON,
+    or a :class:`~logit_cache.teachers.placement.Placement`) with ``max_memory`` spreads an ``hf:``
+    teacher over GPUs, CPU and disk (needs accelerate); ``device`` is then unused and
+    ``Teacher.input_device`` says where inputs go.
 
     ``path`` may also be ``"hf:DIR"``, a local Hugging Face causal LM directory (see
     :func:`~logit_cache.teachers.hf.load_hf`); it refuses ``arch`` and needs no ``trust_checkpoint``
@@ -201,7 +219,12 @@ def load_teacher(
         logits = teacher.module(images)  # (B, 10)
     """
     shown = str(path)
-    request = LoadRequest(shown, arch, check_arch_kwargs(arch_kwargs), torch.device(device), trust_checkpoint)
+    dtype = weights_dtype(precision)
+    placement = _placement(shown, device_map, max_memory)
+    request = LoadRequest(shown, arch, check_arch_kwargs(arch_kwargs), torch.device(device), trust_checkpoint, dtype, placement)
+    if placement is not None and not is_hf_spec(path):
+        raise UsageError(f"--device-map places hf:DIR teachers (through transformers and accelerate); teacher {shown!r} is a "
+                         f"checkpoint file: drop --device-map (and --max-memory), or save the model with save_pretrained")
     if is_hf_spec(path):
         source, target = "hf", shown
     else:
@@ -216,8 +239,10 @@ def load_teacher(
         source = detect_format(target)
     loaded = SOURCES[source](target, request)
     digest = sha256 or teacher_sha256(path)
-    module = _prepare(loaded.module, request.device)
-    logger.info("loaded teacher %s: format=%s %s on %s", shown, loaded.format, loaded.detail, request.device)
+    placed = placement is not None or loaded.input_device is not None
+    module = _prepare(loaded.module, None if placed else request.device, None if loaded.in_dtype else dtype)
+    where = loaded.input_device or request.device
+    logger.info("loaded teacher %s: format=%s %s on %s in %s", shown, loaded.format, loaded.detail, where, dtype)
     return Teacher(
         module=module,
         path=shown,
@@ -226,11 +251,28 @@ def load_teacher(
         layout=loaded.layout,
         arch=arch if loaded.uses_arch else None,
         arch_kwargs=dict(request.kwargs) if loaded.uses_arch else {},
+        input_device=where,
+        dtype=dtype,
+        device_map=loaded.device_map,
     )
 
 
-def _prepare(module: Any, device: torch.device) -> Any:
-    """Eval mode, frozen parameters, on the device: a teacher only ever runs inference.
+def _placement(shown: str, device_map: Any, max_memory: Any) -> Placement | None:
+    """The device map asked, checked (None: the whole teacher on ``device``)."""
+    if isinstance(device_map, Placement):
+        if max_memory is not None:
+            raise UsageError("pass max_memory inside the Placement, not beside it")
+        return device_map
+    if device_map is None:
+        if max_memory is not None:
+            raise UsageError(f"--max-memory for teacher {shown!r} budgets a --device-map; pass --device-map auto with it")
+        return None
+    return Placement(parse_device_map(device_map), parse_max_memory(max_memory))  # type: ignore[arg-type]
+
+
+def _prepare(module: Any, device: torch.device | None, dtype: torch.dtype | None = None) -> Any:
+    """Eval mode, frozen parameters, in ``dtype`` (when the loader did not load it so), on the device
+    (None: a device map placed it already): a teacher only ever runs inference.
 
     ``requires_grad_`` is set per parameter because ScriptModules refuse the module-level call. The
     GraphModule of a torch.export program refuses ``.eval()`` (NotImplementedError in this torch): it runs
@@ -242,4 +284,6 @@ def _prepare(module: Any, device: torch.device) -> Any:
         logger.info("teacher module %s has no eval mode; it runs in the mode it was exported in", type(module).__name__)
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return module.to(device)
+    if dtype is not None and dtype != torch.float32:
+        module = module.to(dtype)
+    return module if device is None else module.to(device)

@@ -199,8 +199,11 @@ def check_teacher(report: VerifyReport, path: Path, manifest: Manifest, teacher:
 def load_teacher_for(manifest: Manifest, teacher: str, arch: str | None, arch_kwargs: Mapping[str, Any] | None,
                   trust_checkpoint: bool, device: torch.device) -> Teacher:
     try:
+        # as the dump held the weights: in its precision since it records "weights", float32 (autocast) before
+        weights = str(manifest.dump.get("weights", "fp32"))
+        weights = weights if weights in PRECISIONS else "fp32"
         return load_teacher(teacher, arch=arch, arch_kwargs=dict(arch_kwargs) if arch_kwargs else None,
-                            trust_checkpoint=trust_checkpoint, device=device)
+                            trust_checkpoint=trust_checkpoint, device=device, precision=weights)
     except CheckpointError as exc:
         recorded = manifest.teacher.get("arch")
         if arch is None and recorded and "--arch" in str(exc):
