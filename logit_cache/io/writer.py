@@ -5,10 +5,12 @@ creates ``OUT.partial`` (or checks and trims it on resume), ``finalize`` writes 
 manifest and renames ``OUT.partial`` to ``OUT``. What may be deleted (ours) is ``io/ownership.py``;
 where shards start and stop is ``format/layout.py``.
 
-The dump's main thread runs the teacher and hands each encoded batch to a bounded queue; one
-writer thread turns it into host arrays and appends them to the current shard. So disk I/O and
-compression overlap with inference, and the queue bound keeps memory flat when the disk is slower
-than the teacher (the main thread then waits).
+The dump's main thread runs the teacher and hands each encoded batch to a bounded queue. A pool of
+``writer_threads`` threads turns batches into host arrays (waiting for the device copy, bad-row checks,
+dtype narrowing, compact encoding: numpy work that releases the GIL) several at a time, and one writer
+thread appends their results to the current shard in submission order, so shards are the same bytes
+whatever the thread count. Disk I/O and compression overlap with inference, and the queue bound keeps
+memory flat when the host is slower than the teacher (the main thread then waits).
 
 A shard is written under ``<name>.partial`` and renamed into place when closed; then a progress
 record ``progress/<name>.json`` (its ranges and checksum) is written atomically. A shard counts
@@ -246,6 +248,12 @@ def check_work_intact(work: Path, shards: list[str] | tuple[str, ...] = ()) -> N
 _STOP = object()
 
 
+def default_writer_threads() -> int:
+    """min(4, cores): enough threads for the per-batch host work (compact encoding above all) to keep up
+    with the one thread that writes shards; more would mostly add batches held in memory."""
+    return min(4, os.cpu_count() or 1)
+
+
 class ShardedWriter:
     """A writer thread fed through a bounded queue.
 
@@ -253,10 +261,12 @@ class ShardedWriter:
     closes the shard after its last batch. Errors raised off the main thread come back to the
     caller on its next call.
 
-    The callables run in a small thread pool (``producers`` threads), in parallel and off the main
-    thread: waiting for a device copy, narrowing dtypes and compact encoding (numpy, which releases
-    the GIL) would otherwise serialise with the writing. The writer thread takes their results in
-    submission order, so shards are written exactly as with one thread.
+    The callables run in a small thread pool (``producers`` threads, :func:`default_writer_threads`
+    when None), in parallel and off the main thread: waiting for a device copy, narrowing dtypes and
+    compact encoding (numpy, which releases the GIL) would otherwise serialise with the writing. The
+    writer thread takes their results in submission order, so shards are written exactly as with one
+    thread, and the first failure in that order is the one reported. At most ``max_pending`` + 2
+    batches are in flight (queued, being written, being submitted).
     """
 
     def __init__(
@@ -276,7 +286,9 @@ class ShardedWriter:
         self.attrs = dict(attrs)
         self.entries: list[ShardEntry] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
-        workers = producers if producers is not None else min(4, max(1, (os.cpu_count() or 2) - 1))
+        workers = producers if producers is not None else default_writer_threads()
+        if workers < 1:
+            raise UsageError(f"writer threads must be >= 1, got {workers}")
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="logit-cache-encode")
         self._error: BaseException | None = None
         self._current: tuple[ShardPlan, ShardWriter] | None = None

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -33,6 +34,7 @@ from ..store import get_backend
 from ..targets import TargetKind, encode_tokens
 from ..targets.compact import encode_arrays
 from ..targets.encoded import EncodedBatch
+from ..teachers.lm_head import ChunkedHead, choose_head
 from ..teachers.runtime import autocast_for, to_device
 from ..teachers.sources import Teacher
 from .failures import call_teacher, next_batch
@@ -147,16 +149,38 @@ def host_producer(
     return produce
 
 
-def copy_to_host(encoded: EncodedBatch, device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
-    """Start the device-to-host copies of an encoded batch; the event marks their end on a GPU."""
-    host = {name: t.to("cpu", non_blocking=True) for name, t in encoded.arrays.items()}
-    nonfinite = encoded.nonfinite.to("cpu", non_blocking=True)
-    overflow = encoded.overflow.to("cpu", non_blocking=True)
-    event = None
-    if device.type == "cuda":
+#: One side stream per GPU for the device-to-host copies of encoded batches.
+_COPY_STREAMS: dict[torch.device, Any] = {}
+
+
+def copy_to_host(encoded: EncodedBatch) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor, Any]:
+    """Start the device-to-host copies of an encoded batch; the event marks their end on a GPU.
+
+    On a GPU the copies go into pinned host memory on a side stream that first waits for the encoding,
+    so the next batch's forward, queued on the compute stream meanwhile, runs while they copy. The
+    sources are marked used by that stream, or the allocator could hand their memory to the next forward
+    before the copy has read it. The device is the encoded tensors' own: a teacher placed over several
+    devices encodes where its head is.
+    """
+    source = encoded.nonfinite.device
+    tensors = [*encoded.arrays.values(), encoded.nonfinite, encoded.overflow]
+    if source.type != "cuda":
+        copies = [tensor.to("cpu") for tensor in tensors]
+        event = None
+    else:
+        stream = _COPY_STREAMS.get(source)
+        if stream is None:
+            stream = _COPY_STREAMS[source] = torch.cuda.Stream(source)
+        stream.wait_stream(torch.cuda.current_stream(source))
+        with torch.cuda.stream(stream):
+            copies = [torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True).copy_(tensor, non_blocking=True)
+                      for tensor in tensors]
+        for tensor in tensors:
+            tensor.record_stream(stream)
         event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))  # after the copies to the host
-    return host, nonfinite, overflow, event
+        event.record(stream)  # after the copies to the host
+    host = dict(zip(encoded.arrays, copies[: len(encoded.arrays)], strict=True))
+    return host, copies[-2], copies[-1], event
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,24 +291,36 @@ def run_shards(prepared: Prepared, teacher: Teacher, layout: Layout, todo: list[
     width, value_dtype = kind.width(config), kind.device_value_dtype(config.dtype, config.encoding)
     bar = tqdm(total=rows_of.total(todo), unit=rows_of.unit, unit_scale=True, desc="dump", disable=None if show_progress else True)
 
+    autocast = partial(autocast_for, device, config.precision)
+    heads: list[ChunkedHead | None] = []  # the one decision, forward or chunked head, taken on the first per-token batch
+
     def step(plan: ShardPlan, batch_rows: list[int], batch_iter: Iterator[Any]) -> tuple[Any, torch.Tensor, int, int]:
         batch = rows_of.read(plan, batch_rows, batch_iter)
         indices = batch.indices
-        with autocast_for(device, config.precision):
-            logits = call_teacher(teacher.module, to_device(batch.inputs, device), indices)
-        if tuple(logits.shape) != batch.expected:
+        inputs = to_device(batch.inputs, device)
+        if batch.lengths is not None and not heads:
+            forward = partial(call_teacher, teacher.module, indices=indices)
+            heads.append(choose_head(teacher.module, inputs, batch.lengths, forward, autocast))
+        head = heads[0] if batch.lengths is not None else None
+        expected, hint = batch.expected, batch.shape_hint
+        if head is not None:  # the body's last hidden states; encode_tokens applies the head per chunk of tokens
+            expected, hint = (*batch.expected[:2], head.hidden_size), " ([batch, tokens, hidden size] from its body)"
+        with autocast():
+            output = call_teacher(teacher.module if head is None else head.hidden, inputs, indices)
+        if tuple(output.shape) != expected:
             raise TeacherOutputError(
-                f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape "
-                f"{tuple(logits.shape)}; expected {batch.expected}{batch.shape_hint}"
+                f"for dataset indices {indices[0]}..{indices[-1]} the teacher returned shape {tuple(output.shape)}; "
+                f"expected {expected}{hint}"
             )
         if batch.lengths is None:
-            encoded = kind.encode(logits, width, value_dtype)
+            encoded = kind.encode(output, width, value_dtype)
             rows, progress = len(batch_rows), len(batch_rows) // config.views
         else:
-            encoded = encode_tokens(logits, batch.lengths, indices, kind.name, width, value_dtype, seed=config.seed,
-                                    sample_temperature=config.sample_temperature)
+            encoded = encode_tokens(output, batch.lengths, indices, kind.name, width, value_dtype, seed=config.seed,
+                                    sample_temperature=config.sample_temperature, head=head)
             rows = progress = len(batch.row_indices)
-        host, nonfinite, overflow, event = copy_to_host(encoded, device)
+        del output
+        host, nonfinite, overflow, event = copy_to_host(encoded)
         row_indices = indices if batch.row_indices is None else batch.row_indices
         produce = host_producer(host, nonfinite, overflow, batch.labels, row_indices, event, storage, batch.extra)
         return produce, encoded.topk_mass, rows, progress
@@ -300,7 +336,8 @@ def write_batches(prepared: Prepared, layout: Layout, batches: list[tuple[ShardP
     Returns (rows computed, sum of top-k mass, seconds)."""
     attrs = {"logit_cache_format_version": FORMAT_VERSION, "key": prepared.key}
     with writing(prepared):
-        writer = ShardedWriter(prepared.work, get_backend(prepared.config.backend), layout.specs, layout.chunk_rows, attrs)
+        writer = ShardedWriter(prepared.work, get_backend(prepared.config.backend), layout.specs, layout.chunk_rows, attrs,
+                               producers=getattr(prepared.config, "writer_threads", None))
     mass_total = torch.zeros((), dtype=torch.float64, device=prepared.device)
     rows = 0
     try:
