@@ -71,6 +71,7 @@ from numcodecs import Blosc
 
 from logit_cache.format import chunk_and_shard_rows
 from logit_cache.store import get_backend
+from logit_cache.store.entropy_codec import make_codec
 from logit_cache.targets import LOG_MASS_FLOOR, count_dtype, decode_arrays, encode, encode_arrays, index_dtype, stored_specs, topk_log_probs
 from logit_cache.targets.compact import CODE_LEVELS, ZERO_CODE, sampled_head
 
@@ -84,6 +85,10 @@ REFERENCES = [
     {"vocab": None, "method": "sampled", "source": "RS-KD", "bytes_per_token": 36},
 ]
 GOALS = {("topk", 128): 300, ("topk", 50): 114, ("sampled", 50): 36}
+#: Issue 15's goals for the entropy encoding at vocab 131,072: (Zipf ids, uniform ids) B/token.
+ENTROPY_GOALS = {("topk", 128): (180, 240), ("topk", 50): (85, 110), ("sampled", 50): (30, 34)}
+#: Encodings compared (zarr); entropy needs the constriction package (pip install 'logit-cache[entropy]').
+ENCODINGS = ("plain", "compact", "entropy")
 
 
 def method_name(mode: str, width: int) -> str:
@@ -263,6 +268,18 @@ def specs_for(mode: str, width: int, num_classes: int, dtype: str, encoding: str
     return specs, chunk_rows
 
 
+def coded_roundtrip(mode: str, logical: dict[str, np.ndarray], encoding: str, num_classes: int, dtype: str) -> dict[str, np.ndarray]:
+    """encode_arrays, the entropy codecs' chunk coding (one chunk: rows code alike in any chunking), decode_arrays."""
+    stored = encode_arrays(mode, logical, encoding, num_classes)
+    if encoding == "entropy":
+        width = next(iter(stored.values())).shape[1]
+        for spec in stored_specs(mode, width, num_classes, dtype, encoding, "sampled_logits" in logical):
+            if spec.codec:
+                codec = make_codec(spec.codec, spec.codec_config)
+                stored[spec.name] = codec._decode_array(codec._encode_array(stored[spec.name])).astype(spec.dtype)
+    return decode_arrays(mode, stored, encoding, num_classes, dtype)
+
+
 def write_shard(path: Path, backend: str, mode: str, width: int, num_classes: int, dtype: str, encoding: str,
                 logical: dict[str, np.ndarray], batch_rows: int) -> None:
     rows = len(logical["logsumexp"])
@@ -344,7 +361,8 @@ def ablation(collected: dict, num_classes: int, dtype: str, clevels: list[int], 
         for encoding in ("plain", "compact"):
             specs, chunk_rows = specs_for(mode, width, num_classes, dtype, encoding, tokens)
             stored = encode_arrays(mode, logical, encoding, num_classes)
-            sizes = {level: sum(blosc_bytes(stored[spec.name], chunk_rows, level) for spec in specs) / tokens for level in clevels}
+            sizes = {level: sum(blosc_bytes(stored[spec.name], chunk_rows, level) for spec in specs if spec.name in stored) / tokens
+                     for level in clevels}
             out["clevels"].append({"method": method_name(mode, width), "encoding": encoding, "bytes_per_token": sizes})
         chunk_rows = specs_for(mode, width, num_classes, dtype, "compact", tokens)[1]
         if mode == "topk" and width in (50, 128):
@@ -426,26 +444,26 @@ def measure(args: argparse.Namespace, workdir: Path, num_classes: int, prior: st
                         raise RuntimeError("the float64 tail model disagrees with targets.topk_log_probs")
             else:
                 stats.setdefault(f"distinct_m{width}", []).append((arrays["sampled_counts"] > 0).sum(axis=1).astype(np.float64))
-            variants = [(encoding, args.dtype, arrays) for encoding in ("plain", "compact")]
+            variants = [(encoding, args.dtype, arrays) for encoding in ENCODINGS]
             if mode == "topk" and num_classes == max(args.vocabs):
                 # the same top-k with float32 values: plain float32, and compact fed and decoded as float32
                 exact = {**arrays, "topk_logits": raw.gather(1, torch.from_numpy(arrays["topk_indices"].astype(np.int64))).numpy()}
-                variants += [(encoding, "float32", exact) for encoding in ("plain", "compact") if args.dtype != "float32"]
+                variants += [(encoding, "float32", exact) for encoding in ENCODINGS if args.dtype != "float32"]
             for encoding, dtype, given in variants:
-                decoded = decode_arrays(mode, encode_arrays(mode, given, encoding, num_classes), encoding, num_classes, dtype)
+                decoded = coded_roundtrip(mode, given, encoding, num_classes, dtype)
                 key = (mode, width, encoding, dtype)
                 kl, tv = (topk_fidelity if mode == "topk" else sampled_fidelity)(raw, moments, decoded)
                 fidelity.setdefault((*key, "kl"), []).append(kl)
                 fidelity.setdefault((*key, "tv"), []).append(tv)
                 if mode == "topk":
                     fidelity.setdefault((*key, "kl_t2"), []).append(topk_fidelity(raw, moments_t2, decoded, 2.0, with_tv=False)[0])
-                if mode == "topk" and encoding == "compact":
+                if mode == "topk" and encoding != "plain":
                     for temperature in (1.0, 2.0):
                         fidelity.setdefault((*key, f"dkl_t{temperature:g}"), []).append(
                             reconstruction_kl(given, decoded, temperature, num_classes))
-                elif mode == "sampled" and encoding == "compact":
+                elif mode == "sampled" and encoding != "plain":
                     if any(not np.array_equal(decoded[n], arrays[n]) for n in arrays):
-                        raise RuntimeError("compact sampled rows did not decode to the logical rows")
+                        raise RuntimeError(f"{encoding} sampled rows did not decode to the logical rows")
                     for name in ("dkl_t1", "dkl_t2"):  # lossless
                         fidelity.setdefault((*key, name), []).append(np.zeros(rows))
     collected = {method: {name: np.concatenate([p[name] for p in ps]) for name in ps[0]} for method, ps in parts.items()}
@@ -458,9 +476,9 @@ def measure(args: argparse.Namespace, workdir: Path, num_classes: int, prior: st
     results = []
     for mode, width in METHODS:
         logical = collected[mode, width]
-        configs = [("plain", "zarr"), ("compact", "zarr")] + ([("plain", "hdf5")] if with_hdf5 else [])
+        configs = [(encoding, "zarr") for encoding in ENCODINGS] + ([("plain", "hdf5")] if with_hdf5 else [])
         for encoding, backend in configs:
-            expected = decode_arrays(mode, encode_arrays(mode, logical, encoding, num_classes), encoding, num_classes, args.dtype)
+            expected = coded_roundtrip(mode, logical, encoding, num_classes, args.dtype)
             path = workdir / f"{num_classes}-{prior}-{mode}{width}-{encoding}{get_backend(backend).suffix}"
             writes, reads = [], []
             for _ in range(args.repeats):
@@ -499,12 +517,39 @@ def measure(args: argparse.Namespace, workdir: Path, num_classes: int, prior: st
         out["value_dtypes"] = [
             {"method": method_name(mode, width), "encoding": encoding, "dtype": dtype,
              **fidelity_means(fidelity, (mode, width, encoding, dtype))}
-            for mode, width in METHODS if mode == "topk" for encoding in ("plain", "compact") for dtype in (args.dtype, "float32")]
+            for mode, width in METHODS if mode == "topk" for encoding in ENCODINGS for dtype in (args.dtype, "float32")]
     if num_classes == max(args.vocabs):
         phase_started = time.perf_counter()
         out["ablation"] = ablation(collected, num_classes, args.dtype, args.clevels, min(args.fidelity_tokens, args.tokens))
         phases["ablation_s"] = time.perf_counter() - phase_started
     print(f"vocab {num_classes}, {prior} ids: " + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), file=sys.stderr, flush=True)
+    return out
+
+
+def per_sample(args: argparse.Namespace, workdir: Path, classes: int = 1000, k: int = 10) -> list[dict[str, Any]]:
+    """Per-sample (vision) rows: top-10 of 1,000 classes (uniform ids, the LM logit model), B/row per encoding."""
+    rng = np.random.default_rng([args.seed, classes, 2])
+    raw = generate(rng, args.tokens, id_log_prior(classes, "uniform", 1.0), args.sharpness_mu, args.sharpness_sigma)
+    top = {name: t.numpy() for name, t in encode(raw, "topk", k, "float32").arrays.items()}
+    top["topk_indices"] = top["topk_indices"].astype(index_dtype(classes))
+    logical = top
+    moments = row_moments(raw[: args.fidelity_tokens])
+    out = []
+    for encoding in ENCODINGS:
+        path = workdir / f"per-sample-{encoding}.zarr"
+        remove(path)
+        record: dict[str, Any] = {}
+        with timed(record):
+            write_shard(path, "zarr", "topk", k, classes, "float32", encoding, logical, args.batch_rows)
+        head = {name: a[: args.fidelity_tokens] for name, a in logical.items()}
+        decoded = coded_roundtrip("topk", head, encoding, classes, "float32")
+        kl = topk_fidelity(raw[: args.fidelity_tokens], moments, decoded, with_tv=False)[0]
+        out.append({"classes": classes, "k": k, "encoding": encoding, "bytes_per_row": disk_bytes(path) / args.tokens,
+                    "kl": float(kl.mean()), "dkl_t1": float(reconstruction_kl(head, decoded, 1.0, classes).mean()),
+                    "write_rows_per_s": args.tokens / record["wall_s"]})
+        print(f"  per-sample top-{k} of {classes} {encoding:<8} {out[-1]['bytes_per_row']:6.1f} B/row", file=sys.stderr, flush=True)
+        if not args.keep:
+            remove(path)
     return out
 
 
@@ -555,9 +600,11 @@ def goal_lines(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     goals = []
     for r in rows:
         limit = GOALS.get((r["mode"], r["width"]))
-        if limit is not None and r["encoding"] == "compact" and r["vocab"] == 131072:
-            goals.append({"id_prior": r["id_prior"], "method": r["method"], "bytes_per_token": r["bytes_per_token"], "reference": limit,
-                          "met": r["bytes_per_token"] < limit})
+        if limit is not None and r["encoding"] != "plain" and r["backend"] == "zarr" and r["vocab"] == 131072:
+            if r["encoding"] == "entropy":
+                limit = ENTROPY_GOALS[r["mode"], r["width"]][0 if r["id_prior"] == "zipf" else 1]
+            goals.append({"id_prior": r["id_prior"], "method": r["method"], "encoding": r["encoding"],
+                          "bytes_per_token": r["bytes_per_token"], "reference": limit, "met": r["bytes_per_token"] <= limit})
     return goals
 
 
@@ -609,6 +656,7 @@ def main(argv: list[str] | None = None) -> int:
         for index, prior in enumerate(args.priors):
             for num_classes in args.vocabs:
                 runs.append(measure(args, workdir, num_classes, prior, with_hdf5=index == 0 and not args.no_hdf5))
+        samples = per_sample(args, workdir)
     rows = [row for run in runs for row in run["rows"]]
     report = {
         "config": {key: value for key, value in vars(args).items() if key != "id_prior"}
@@ -617,6 +665,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": runs,
         "references": REFERENCES,
         "goals": goal_lines(rows),
+        "per_sample": samples,
         "total_seconds": time.perf_counter() - started,
     }
     machine = report["machine"]
@@ -632,9 +681,12 @@ def main(argv: list[str] | None = None) -> int:
     for run in runs:
         if "ablation" in run:
             print("\n" + format_ablation(run["vocab"], run["id_prior"], run["ablation"], args.clevels))
+    print("\nper-sample (vision) rows\n\n" + table(["classes", "k", "encoding", "B/row", "KL", "dKL T=1", "write rows/s"], [
+        [f"{r['classes']:,}", str(r["k"]), r["encoding"], f"{r['bytes_per_row']:.1f}", f"{r['kl']:.4f}", f"{r['dkl_t1']:.1e}",
+         f"{r['write_rows_per_s']:,.0f}"] for r in samples]))
     print()
     for goal in report["goals"]:
-        print(f"goal, vocab 131,072, {goal['id_prior']} ids: compact {goal['method']} {goal['bytes_per_token']:.1f} B/token "
+        print(f"goal, vocab 131,072, {goal['id_prior']} ids: {goal['encoding']} {goal['method']} {goal['bytes_per_token']:.1f} B/token "
               f"vs ~{goal['reference']}: {'met' if goal['met'] else 'NOT met'}")
     print(f"total {report['total_seconds']:.0f} s")
     print(f"wrote {write_report(args.json, report)}")

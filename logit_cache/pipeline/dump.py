@@ -55,7 +55,7 @@ from ..io.lookup import directory_bytes, find_by_key  # noqa: F401  (re-exported
 from ..io.writer import check_output, finalize, prepare_work_dir, read_progress, split_for_rank
 from ..store import BACKENDS, DEFAULT_BACKEND, get_backend
 from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES, get_kind
-from ..targets.compact import ENCODINGS
+from ..targets.compact import CODED_ENCODINGS, ENCODINGS
 from ..targets.tokens import TOKEN_CHUNK, encode_tokens  # noqa: F401  (TOKEN_CHUNK moved to targets.tokens)
 from ..teachers.placement import parse_device_map, parse_max_memory
 from ..teachers.runtime import PRECISIONS, autocast_for, resolve_device, run_teacher  # noqa: F401  (re-exported: scripts)
@@ -137,6 +137,10 @@ class DumpConfig:
             raise UsageError(f"--dtype {self.dtype!r} is not one of {', '.join(VALUE_DTYPES)}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--format {self.backend!r} is not one of {', '.join(BACKENDS)}")
+        if self.encoding in CODED_ENCODINGS and not get_backend(self.backend).supports_codecs:
+            coded = ", ".join(name for name in BACKENDS if get_backend(name).supports_codecs)
+            raise UsageError(f"--encoding {self.encoding} stores arrays through codecs that only {coded} can register "
+                             f"(an HDF5 filter would be a compiled plugin per platform); use --format {coded}, or --encoding compact")
         if self.precision not in PRECISIONS:
             raise UsageError(f"--precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if self.batch_size < 1:

@@ -5,16 +5,20 @@ dump's check of ``--backend``, convert and the tests iterate over it. A backend 
 :class:`~logit_cache.store.base.Backend` (a name, a shard suffix, a writer and a reader class)
 passed to :func:`register_backend`; Zarr and HDF5 are registered on import, in that order (the
 first is the default and the order messages list them in). Shard locations (a local path or an
-fsspec URL) are :mod:`.locations`'s job.
+fsspec URL) are :mod:`.locations`'s job. The ``entropy`` encoding's Zarr v3 codecs are
+:mod:`.entropy_codec`'s, registered with zarr on import.
 """
 
 from __future__ import annotations
 
 from ..errors import UsageError
 from .base import ArraySpec, Backend, ShardReader, ShardWriter, combine_checksum
+from .entropy_codec import CODECS, register_codecs
 from .hdf5_store import HDF5Backend
 from .locations import URLPath, as_location, is_url, url_filesystem
 from .zarr_store import ZarrBackend
+
+register_codecs()  # zarr also finds them through the zarr.codecs entry points, without this import
 
 #: Every registered backend, by name, in registration order.
 BACKENDS: dict[str, Backend] = {}
@@ -49,6 +53,7 @@ DEFAULT_BACKEND = ZarrBackend.name
 
 __all__ = [
     "BACKENDS",
+    "CODECS",
     "DEFAULT_BACKEND",
     "ArraySpec",
     "Backend",
@@ -61,5 +66,6 @@ __all__ = [
     "get_backend",
     "is_url",
     "register_backend",
+    "register_codecs",
     "url_filesystem",
 ]

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CacheFormatError, CorruptShardError
+from ..errors import CacheFormatError, CorruptShardError, MissingPackageError, UsageError
 from .locations import URLPath, as_location, is_url, url_filesystem  # moved to store/locations.py
 
 __all__ = [
@@ -64,6 +64,10 @@ class ArraySpec:
     compress: bool = False
     #: Rows per chunk for this array, when it differs from the shard's (e.g. narrow per-sample labels).
     chunk_rows: int | None = None
+    #: An entropy codec that replaces the array's bytes serializer (``entropy_codec.CODECS``: the
+    #: ``entropy`` encoding), with its configuration as (key, value) pairs; Zarr only.
+    codec: str | None = None
+    codec_config: tuple[tuple[str, Any], ...] = ()
 
     @property
     def row_bytes(self) -> int:
@@ -166,6 +170,8 @@ class ShardReader(ABC):
         self._check_present(name, array, start, stop)
         try:
             return np.asarray(array[slice(start, stop)])
+        except MissingPackageError:  # an entropy codec without its coder library: not damage
+            raise
         except Exception as exc:
             rows, chunk = int(array.shape[0]), self.chunk_rows(name)
             first, last, _ = slice(start, stop).indices(rows)
@@ -298,11 +304,18 @@ class Backend:
     suffix: str
     writer_class: type[ShardWriter]
     reader_class: type[ShardReader]
+    #: Stores arrays whose spec names an entropy ``codec`` (Zarr: a registered Zarr v3 codec; HDF5 would
+    #: need a compiled filter plugin per platform, so it does not).
+    supports_codecs: bool = False
 
     def create(
         self, path: Path, specs: list[ArraySpec], chunk_rows: int, attrs: Mapping[str, Any], rows: Mapping[str, int] | None = None
     ) -> ShardWriter:
         """A writer for a new shard at ``path``; ``rows`` gives each array's planned row count."""
+        coded = [spec.name for spec in specs if spec.codec]
+        if coded and not self.supports_codecs:
+            raise UsageError(f"the {self.name} format cannot store entropy-coded arrays ({', '.join(coded)}): "
+                             "the entropy encoding is Zarr only; choose the zarr format or another encoding")
         return self.writer_class(path, specs, chunk_rows, attrs, rows)
 
     def open(self, path: Path | URLPath, storage_options: Mapping[str, Any] | None = None) -> ShardReader:

@@ -24,12 +24,14 @@ from zarr.core.sync import collect_aiterator
 
 from ..errors import CorruptShardError
 from .base import ArraySpec, Backend, ShardReader, ShardWriter
+from .entropy_codec import make_codec
 from .locations import URLPath, is_url, url_filesystem
 
 
 def _compressors(spec: ArraySpec) -> tuple[Any, ...]:
-    """The bytes-to-bytes codecs of an array: Blosc when compressed, then always the chunk's crc32c."""
-    if not spec.compress:
+    """The bytes-to-bytes codecs of an array: Blosc when compressed, then always the chunk's crc32c
+    (an entropy-coded array's bytes do not compress further: crc32c alone)."""
+    if not spec.compress or spec.codec:
         return (Crc32cCodec(),)
     return BloscCodec(cname="zstd", clevel=1, shuffle="bitshuffle", typesize=np.dtype(spec.dtype).itemsize), Crc32cCodec()
 
@@ -47,6 +49,7 @@ class ZarrShardWriter(ShardWriter):
                 chunks=(self.chunk_rows[spec.name], *spec.row_shape),
                 dtype=spec.dtype,
                 compressors=_compressors(spec),
+                serializer=make_codec(spec.codec, spec.codec_config) if spec.codec else "auto",
                 fill_value=0,
                 config={"write_empty_chunks": True},  # every chunk stored: an absent one is damage
             )
@@ -116,5 +119,6 @@ class ZarrShardReader(ShardReader):
 class ZarrBackend(Backend):
     name = "zarr"
     suffix = ".zarr"
+    supports_codecs = True
     writer_class = ZarrShardWriter
     reader_class = ZarrShardReader

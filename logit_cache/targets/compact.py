@@ -1,4 +1,5 @@
-"""Stored layouts of the target arrays: ``plain`` (the logical arrays as they are) and ``compact``.
+"""Stored layouts of the target arrays: ``plain`` (the logical arrays as they are), ``compact`` and
+``entropy`` (``targets/entropy.py``: the logical arrays entropy-coded by Zarr codecs; Zarr only).
 
 Per-token (language-model) caches hold one row per token, so bytes per row decide what a cache of
 billions of tokens costs. The manifest's ``encoding`` names how a cache's target arrays are stored;
@@ -110,11 +111,14 @@ import numpy as np
 
 from ..errors import CacheFormatError, UsageError
 from ..store.base import ArraySpec
+from . import entropy as _entropy
 from .batch import LOG_MASS_FLOOR
 from .dtypes import VALUE_DTYPES, count_dtype, index_dtype
 from .registry import TargetKind, get_kind, kind_names
 
-ENCODINGS = ("plain", "compact")
+ENCODINGS = ("plain", "compact", "entropy")
+#: Encodings whose arrays are stored through codecs of their own (``store/entropy_codec.py``): Zarr only.
+CODED_ENCODINGS = ("entropy",)
 
 #: Quantization levels of sqrt(p): code c stands for sqrt(p) = c / CODE_LEVELS.
 CODE_LEVELS = 255
@@ -177,6 +181,8 @@ def stored_specs(mode: str, width: int, num_classes: int, dtype: str, encoding: 
         raise UsageError(f"the row width (k or m) must be >= 1, got {width}")
     if encoding == "plain":
         return kind.array_specs(width, num_classes, dtype, sampled_logits=sampled_logits)
+    if encoding == "entropy":
+        return _entropy.stored_specs(kind.array_specs(width, num_classes, dtype, sampled_logits=sampled_logits), width)
     return kind.compact_specs(width, num_classes, dtype, sampled_logits=sampled_logits)
 
 
@@ -257,6 +263,8 @@ def encode_arrays(mode: str, arrays: Mapping[str, np.ndarray], encoding: str, nu
     kind = _check(mode, encoding)
     if encoding == "plain":
         return dict(arrays)
+    if encoding == "entropy":
+        return _entropy.encode(arrays, num_classes)
     return kind.compact_encode(arrays, num_classes)
 
 
@@ -334,6 +342,8 @@ def decode_arrays(mode: str, stored: Mapping[str, np.ndarray], encoding: str, nu
         return dict(stored)
     if dtype not in VALUE_DTYPES:
         raise CacheFormatError(f"unknown value dtype {dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
+    if encoding == "entropy":
+        return _entropy.decode(stored, num_classes, dtype)
     return kind.compact_decode(stored, num_classes, dtype)
 
 

@@ -1,0 +1,179 @@
+"""Zarr v3 codecs of the ``entropy`` encoding: each chunk entropy-coded with models fitted to it.
+
+Why codecs and not stored byte layouts: with logit-cache installed, ``zarr.open_group(shard)[name][:]``
+returns the decoded array in any process (zarr finds the classes through the ``zarr.codecs`` entry
+points in pyproject.toml, and :func:`register_codecs` registers them when ``logit_cache.store`` is
+imported), so other tools read an entropy cache without our reader. Without logit-cache, zarr refuses
+the array naming the codec (``logit_cache.sorted_ids``...), i.e. the package to install. Each codec is
+followed by ``crc32c`` in the array's pipeline: a damaged chunk fails its checksum before it is
+decoded, never decoding into wrong values.
+
+A codec sees one chunk of one array, so every array is self-contained:
+
+``logit_cache.sorted_ids`` (integer [rows, W])
+    Each row: strictly ascending ids, then zero padding (top-k rows as ``targets/entropy.py`` stores
+    them; sampled rows as they are). Coded per row: the row's length n, then its gaps g_0 = s_0,
+    g_j = s_j - s_{j-1} - 1 as log-scale buckets (categorical, one model per position class
+    0, 1, 2-3, 4-7, ...: gaps grow along a row, and with frequency-sorted vocabularies the first ids
+    are small) plus the bits below each bucket's leading bits, uniform.
+``logit_cache.counts`` (integer [rows, W])
+    Each row: positive counts then zeros. A row's kind (its count n, and whether it sums to W, as
+    sampled counts do, which makes its last count implied) is one categorical symbol; counts - 1
+    are bucketed like gaps.
+``logit_cache.quantized_logits`` (float [rows, W], configuration ``levels`` L)
+    Lossy, self-contained per row: the row's maximum v_max (float32, exact, its first position
+    marked by its own symbol), S = sum over the other entries of exp(v_j - v_max) (float32 log), and
+    codes c_j = round(L * exp((v_j - v_max) / 2)): levels spaced evenly in sqrt(p / p_max), the
+    spacing that costs the same KL per entry at T=1 (``targets/compact.py`` explains why). Decoding
+    rescales the other entries' exp(v^_j - v_max) to sum to S, so the row's top-k mass and hence its
+    tail mass (1 - top-k mass, exact from logsumexp) survive to float32 precision: a confident token's
+    tail of 1e-5 is not lost to rounding (with S in float16 it was: KL at T=2 of several nats on such
+    rows). v_max and log S are stored with Blosc-zstd.
+
+Models are static per chunk (the histograms are in the chunk's header), coded with ``constriction``'s
+ANS coder: the library's vectorised coder, no bit loop in Python. A chunk is decoded whole; its rows
+are then independent (any subset, any order, are the same rows).
+
+Chunk bytes: ``b"LCE1"``, uint32 header length, the zlib-compressed header (model histograms, side
+information), the ANS words (uint32, little-endian). Chunks depend on ``constriction`` building the
+same model from the same histogram: true within its 0.x line (the models are quantized with integer
+arithmetic from the frequencies given); a cache is read with the versions of ``pip install
+'logit-cache[entropy]'``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from zarr.abc.codec import ArrayBytesCodec
+from zarr.core.buffer import Buffer, NDBuffer
+
+from .entropy_chunks import (
+    constriction,
+    decode_counts,
+    decode_quantized_logits,
+    decode_sorted_ids,
+    encode_counts,
+    encode_quantized_logits,
+    encode_sorted_ids,
+)
+
+__all__ = ["CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "constriction", "decode_counts",
+           "decode_quantized_logits", "decode_sorted_ids", "encode_counts", "encode_quantized_logits", "encode_sorted_ids",
+           "make_codec", "register_codecs"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Zarr v3 codecs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _EntropyCodec(ArrayBytesCodec):
+    """Shared plumbing: to and from the chunk's numpy array, name and configuration in metadata."""
+
+    is_fixed_size = False
+    codec_name = ""
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> _EntropyCodec:
+        return cls(**dict(data.get("configuration") or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        config = self._config()
+        return {"name": self.codec_name, "configuration": config} if config else {"name": self.codec_name}
+
+    def _config(self) -> dict[str, Any]:
+        return {}
+
+    def compute_encoded_size(self, input_byte_length: int, chunk_spec: Any) -> int:
+        raise NotImplementedError(f"{self.codec_name} output sizes depend on the data")
+
+    def _encode_array(self, array: np.ndarray) -> bytes:
+        raise NotImplementedError
+
+    def _decode_array(self, data: bytes) -> np.ndarray:
+        raise NotImplementedError
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: Any) -> Buffer | None:
+        array = np.asarray(chunk_array.as_ndarray_like())
+        if array.ndim != 2:
+            raise ValueError(f"{self.codec_name} codes 2-D chunks [rows, width], got shape {array.shape}")
+        return chunk_spec.prototype.buffer.from_bytes(self._encode_array(array))
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: Any) -> NDBuffer:
+        decoded = self._decode_array(chunk_bytes.to_bytes())
+        dtype = chunk_spec.dtype.to_native_dtype()
+        if decoded.shape != tuple(chunk_spec.shape):
+            raise ValueError(f"{self.codec_name}: a chunk decoded to shape {decoded.shape}, expected {tuple(chunk_spec.shape)}")
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(decoded.astype(dtype))
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: Any) -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: Any) -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+
+@dataclass(frozen=True)
+class SortedIdsCodec(_EntropyCodec):
+    codec_name = "logit_cache.sorted_ids"
+
+    def _encode_array(self, array: np.ndarray) -> bytes:
+        return encode_sorted_ids(array)
+
+    def _decode_array(self, data: bytes) -> np.ndarray:
+        return decode_sorted_ids(data)
+
+
+@dataclass(frozen=True)
+class CountsCodec(_EntropyCodec):
+    codec_name = "logit_cache.counts"
+
+    def _encode_array(self, array: np.ndarray) -> bytes:
+        return encode_counts(array)
+
+    def _decode_array(self, data: bytes) -> np.ndarray:
+        return decode_counts(data)
+
+
+@dataclass(frozen=True)
+class QuantizedLogitsCodec(_EntropyCodec):
+    levels: int = 255
+
+    codec_name = "logit_cache.quantized_logits"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.levels, int) or not 1 <= self.levels < (1 << 20):
+            raise ValueError(f"logit_cache.quantized_logits: levels must be an integer in [1, 2^20), got {self.levels!r}")
+
+    def _config(self) -> dict[str, Any]:
+        return {"levels": self.levels}
+
+    def _encode_array(self, array: np.ndarray) -> bytes:
+        return encode_quantized_logits(array, self.levels)
+
+    def _decode_array(self, data: bytes) -> np.ndarray:
+        return decode_quantized_logits(data)
+
+
+#: Codec name -> class; the names in pyproject.toml's ``zarr.codecs`` entry points.
+CODECS: dict[str, type[_EntropyCodec]] = {cls.codec_name: cls for cls in (SortedIdsCodec, CountsCodec, QuantizedLogitsCodec)}
+
+
+def make_codec(name: str, config: tuple[tuple[str, Any], ...] = ()) -> _EntropyCodec:
+    """The codec instance an :class:`~logit_cache.store.base.ArraySpec`'s ``codec`` names."""
+    if name not in CODECS:
+        raise ValueError(f"unknown logit-cache codec {name!r}; known: {', '.join(CODECS)}")
+    return CODECS[name](**dict(config))
+
+
+def register_codecs() -> None:
+    """Register the codecs with zarr (the entry points do the same lazily in processes that never
+    import logit_cache.store)."""
+    from zarr.registry import register_codec
+
+    for name, cls in CODECS.items():
+        register_codec(name, cls)

@@ -1,0 +1,233 @@
+"""The entropy encoding's Zarr codecs (store/entropy_codec.py): lossless round trips of ids and counts on
+random and adversarial chunks, the value quantizer's bounds, zarr arrays written and read through the
+codecs, a plain zarr read in a fresh interpreter (entry points only), a clear error where the codec is
+unknown or the coder library is missing, and damaged chunks caught by their checksum."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from zarr.codecs import Crc32cCodec
+from zarr.errors import UnknownCodecError
+
+from logit_cache.errors import CorruptShardError, MissingPackageError, UsageError
+from logit_cache.store import ArraySpec, get_backend
+from logit_cache.store import entropy_codec as ec
+
+pytest.importorskip("constriction")  # the optional extra; dev installs it
+
+
+def _sorted_rows(rng: np.random.Generator, rows: int, width: int, vocab: int) -> np.ndarray:
+    return np.sort(np.stack([rng.choice(vocab, width, replace=False) for _ in range(rows)]), axis=1)
+
+
+def _entropy_bound_bytes(vocab: int, width: int) -> float:
+    from math import lgamma, log
+
+    return (lgamma(vocab + 1) - lgamma(width + 1) - lgamma(vocab - width + 1)) / log(2) / 8
+
+
+# -- ids ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("vocab", "width", "dtype"), [(131072, 50, np.int32), (70000, 16, np.int32), (1000, 10, np.uint16),
+                                                       (2, 2, np.uint16), (2, 1, np.uint16), (65536, 3, np.uint16)])
+def test_sorted_ids_round_trip_random(vocab: int, width: int, dtype: type) -> None:
+    rng = np.random.default_rng(vocab + width)
+    ids = _sorted_rows(rng, 300, width, vocab).astype(dtype)
+    data = ec.encode_sorted_ids(ids)
+    np.testing.assert_array_equal(ec.decode_sorted_ids(data), ids)
+    if vocab > 1000:  # near the information bound of a random subset (header and ANS overhead on top)
+        assert len(data) / 300 < 1.08 * _entropy_bound_bytes(vocab, width) + 3
+
+
+def test_sorted_ids_adversarial_rows() -> None:
+    vocab = 70000
+    equal_gaps = np.arange(0, 64 * 1000, 1000)[None].repeat(5, 0)  # every gap the same
+    dense = np.arange(64)[None].repeat(5, 0)  # all gaps 0 (k == C for a 64-class model)
+    extreme = np.zeros((5, 64), np.int64)
+    extreme[:, 0], extreme[:, 1] = 0, vocab - 1  # the maximum gap, then zero padding
+    extreme[:, 1:] = 0
+    extreme[:, 1] = vocab - 1
+    top = np.arange(vocab - 64, vocab)[None].repeat(5, 0)  # the largest ids, first gap near V
+    ragged = _sorted_rows(np.random.default_rng(1), 5, 64, vocab)
+    ragged[0, 1:] = 0  # one id
+    ragged[1, 40:] = 0
+    ragged[2] = 0  # a fill-value row (zarr pads an edge chunk with it): id 0, then padding
+    ids = np.concatenate([equal_gaps, dense, extreme, top, ragged]).astype(np.int32)
+    np.testing.assert_array_equal(ec.decode_sorted_ids(ec.encode_sorted_ids(ids)), ids)
+    big = np.array([[0, 2**31 - 2]], np.int64)  # raw bits beyond one uniform symbol (split in 16-bit parts)
+    np.testing.assert_array_equal(ec.decode_sorted_ids(ec.encode_sorted_ids(big)), big)
+
+
+def test_sorted_ids_refuse_rows_that_are_not_ascending() -> None:
+    with pytest.raises(ValueError, match="strictly ascending ids followed by zero padding"):
+        ec.encode_sorted_ids(np.array([[3, 2, 5]]))
+    with pytest.raises(ValueError, match="must be >= 0"):
+        ec.encode_sorted_ids(np.array([[-1, 2, 5]]))
+
+
+# -- counts ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("width", [1, 2, 50, 300])
+def test_counts_round_trip(width: int) -> None:
+    rng = np.random.default_rng(width)
+    rows = []
+    for _ in range(200):
+        distinct = int(rng.integers(1, width + 1))
+        draws = np.bincount(rng.integers(0, distinct, width), minlength=distinct)
+        draws = draws[draws > 0]
+        rows.append(np.concatenate([draws, np.zeros(width - len(draws), np.int64)]))  # sums to width: last count implied
+    counts = np.stack(rows)
+    counts[0] = 0  # a fill-value row
+    if width > 1:
+        counts[1, 0], counts[1, 1:] = 1, 0  # does not sum to width: coded whole
+    dtype = np.uint8 if width <= 255 else np.uint16
+    counts = counts.astype(dtype)
+    np.testing.assert_array_equal(ec.decode_counts(ec.encode_counts(counts)), counts)
+    with pytest.raises(ValueError, match="positive counts followed by zeros"):
+        ec.encode_counts(np.array([[0, 3]]))
+
+
+# -- values ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [31, 255, 1023])
+def test_quantized_logits_bounds(levels: int) -> None:
+    """The maximum exact; sqrt(p / p_max) of the others within half a level before the row's rescale,
+    and the other entries' mass sum_j exp(v_j - v_max) kept to float16 precision."""
+    rng = np.random.default_rng(levels)
+    values = (rng.standard_exponential((400, 40)) * rng.uniform(0.3, 4, (400, 1))).astype(np.float32)
+    values[:, 5] = values[:, 3]  # a tie with another entry
+    values[0] = 7.0  # all equal
+    values[1, :] = -1e3
+    values[1, 7] = 20.0  # one entry holds all the mass
+    decoded = ec.decode_quantized_logits(ec.encode_quantized_logits(values, levels))
+    assert decoded.dtype == np.float32 and decoded.shape == values.shape
+    np.testing.assert_array_equal(decoded.max(axis=1), values.max(axis=1))
+    first = np.argmax(values, axis=1)
+    np.testing.assert_array_equal(decoded[np.arange(len(values)), first], values.max(axis=1))  # exact, where it was
+    v, d = values.astype(np.float64), decoded.astype(np.float64)
+    top = v.max(axis=1, keepdims=True)
+    mass, mass_decoded = np.exp(v - top).sum(axis=1), np.exp(d - top).sum(axis=1)
+    np.testing.assert_allclose(mass_decoded, mass, rtol=2e-3)
+    # the others: sqrt(p / p_max) rounded to 1/L (code 0 read as 0.25/L), then one factor per row
+    # (the float16 S over the codes' sum) except where that would pass the maximum
+    quantized = np.maximum(np.rint(np.exp((v - top) / 2) * levels), 0.25) / levels
+    ratio = np.exp((d - top) / 2) / quantized
+    others = np.ones(v.shape, bool)
+    others[np.arange(len(v)), first] = False
+    free = others & (d < top)
+    for row in range(len(v)):
+        if free[row].any() and not (others[row] & ~free[row]).any():
+            np.testing.assert_allclose(ratio[row, free[row]], ratio[row, free[row]][0], rtol=1e-5)
+    assert np.abs(quantized - np.exp((v - top) / 2))[others & (quantized > 0.3 / levels)].max() <= 0.5 / levels + 1e-9
+    with pytest.raises(ValueError, match="must be finite"):
+        ec.encode_quantized_logits(np.array([[1.0, np.nan]], np.float32), 255)
+
+
+def test_quantized_logits_single_column_and_empty() -> None:
+    values = np.array([[1.5], [-3.25]], np.float32)
+    np.testing.assert_array_equal(ec.decode_quantized_logits(ec.encode_quantized_logits(values, 255)), values)
+    assert ec.decode_quantized_logits(ec.encode_quantized_logits(np.zeros((0, 4), np.float32), 255)).shape == (0, 4)
+
+
+# -- zarr -------------------------------------------------------------------------------------------------
+
+
+def _write(tmp_path: Path, rows: int = 700) -> tuple[Path, dict[str, np.ndarray]]:
+    rng = np.random.default_rng(0)
+    ids = _sorted_rows(rng, rows, 12, 70000).astype(np.int32)
+    values = rng.normal(size=(rows, 12)).astype(np.float32)
+    counts = np.zeros((rows, 12), np.uint8)
+    counts[:, 0], counts[:, 1] = 7, 5
+    specs = [ArraySpec("ids", "int32", (12,), codec="logit_cache.sorted_ids"),
+             ArraySpec("values", "float32", (12,), codec="logit_cache.quantized_logits", codec_config=(("levels", 511),)),
+             ArraySpec("counts", "uint8", (12,), codec="logit_cache.counts"),
+             ArraySpec("plain", "float32", (), compress=True)]
+    path = tmp_path / "shard.zarr"
+    writer = get_backend("zarr").create(path, specs, 256, {"note": "test"}, {"ids": rows})
+    arrays = {"ids": ids, "values": values, "counts": counts, "plain": values[:, 0].copy()}
+    writer.append(arrays)
+    writer.close()
+    return path, arrays
+
+
+def test_zarr_arrays_decode_through_the_codecs(tmp_path: Path) -> None:
+    path, arrays = _write(tmp_path)
+    meta = json.loads((path / "ids" / "zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["logit_cache.sorted_ids", "crc32c"]
+    assert json.loads((path / "values" / "zarr.json").read_text())["codecs"][0] == {
+        "name": "logit_cache.quantized_logits", "configuration": {"levels": 511}}
+    with get_backend("zarr").open(path) as reader:
+        assert reader.checksummed("ids") and reader.checksummed("values")
+        np.testing.assert_array_equal(reader.read("ids"), arrays["ids"])
+        np.testing.assert_array_equal(reader.read("counts"), arrays["counts"])
+        np.testing.assert_array_equal(reader.read("ids", 300, 310), arrays["ids"][300:310])  # inside a chunk, at the edge one
+        values = reader.read("values")
+    assert np.abs(values - arrays["values"]).max() < 1.0  # quantized, but the same entries (bounds: test above)
+    group = zarr.open_group(str(path), mode="r")
+    assert all(isinstance(c, Crc32cCodec) for c in group["ids"].metadata.codecs[1:])
+    np.testing.assert_array_equal(group["ids"][650:700], arrays["ids"][650:700])
+
+
+def test_hdf5_refuses_entropy_arrays(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="the entropy encoding is Zarr only"):
+        get_backend("hdf5").create(tmp_path / "s.h5", [ArraySpec("ids", "int32", (4,), codec="logit_cache.sorted_ids")], 256, {})
+
+
+def test_a_fresh_interpreter_reads_through_the_entry_points(tmp_path: Path) -> None:
+    """Only zarr imported by the reading code: zarr loads the codec classes from the zarr.codecs entry points."""
+    path, arrays = _write(tmp_path)
+    script = textwrap.dedent(f"""
+        import sys, numpy as np, zarr
+        group = zarr.open_group({str(path)!r}, mode="r")
+        np.save(sys.argv[1], group["ids"][:])
+        print(group["counts"][:2].tolist())
+    """)
+    out = tmp_path / "ids.npy"
+    done = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_array_equal(np.load(out), arrays["ids"])
+    assert done.stdout.strip() == str(arrays["counts"][:2].tolist())
+
+
+def test_unknown_codec_names_the_package(tmp_path: Path) -> None:
+    """What a zarr user without logit-cache sees: the codec's name, which says what to install."""
+    path, _ = _write(tmp_path)
+    meta = json.loads((path / "ids" / "zarr.json").read_text())
+    meta["codecs"][0]["name"] = "logit_cache.not_installed"
+    (path / "ids" / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(UnknownCodecError, match=r"Unknown codec: 'logit_cache\.not_installed'"):
+        zarr.open_group(str(path), mode="r")["ids"]
+
+
+def test_damaged_chunks_fail_their_checksum(tmp_path: Path) -> None:
+    path, _ = _write(tmp_path)
+    chunk = path / "values" / "c" / "1" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x40  # one bit in the ANS words
+    chunk.write_bytes(bytes(data))
+    with get_backend("zarr").open(path) as reader:
+        np.testing.assert_array_equal(reader.read("values", 0, 256), reader.read("values", 0, 256))  # chunk 0 intact
+        with pytest.raises(CorruptShardError, match=r"array 'values' chunk 1 \(rows 256:512\) cannot be read: it fails its checksum"):
+            reader.read("values")
+    with pytest.raises(Exception, match=r"(?i)checksum|crc"):
+        zarr.open_group(str(path), mode="r")["values"][:]
+
+
+def test_missing_coder_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    path, _ = _write(tmp_path)
+    monkeypatch.setitem(sys.modules, "constriction", None)  # import constriction -> ImportError
+    with pytest.raises(MissingPackageError, match=r"pip install 'logit-cache\[entropy\]'"):
+        ec.encode_sorted_ids(np.array([[1, 2]]))
+    with get_backend("zarr").open(path) as reader, pytest.raises(MissingPackageError, match="constriction"):
+        reader.read("ids")  # not reported as damage
