@@ -56,7 +56,9 @@ TEACHER_HELP = (
 @target_options()
 @click.option("--encoding", type=click.Choice(ENCODINGS), default="plain", show_default=True,
               help="compact: top-k/sampled rows in fewer bytes (ids sorted and delta-coded, values quantized; see "
-                   "BENCHMARKS.md for bytes/token and fidelity). plain: float16/32 values and uint16/int32 ids.")
+                   "BENCHMARKS.md for bytes/token and fidelity). entropy (Zarr only, the 'entropy' extra): the plain "
+                   "arrays entropy-coded by Zarr codecs plain zarr reads where logit-cache is installed; smallest "
+                   "for --sample, slower to read. plain: float16/32 values and uint16/int32 ids.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="The distillation temperature you mean to use, recorded as the cache's default. Raw logits are "
                    "stored, so any temperature can still be chosen when training.")
@@ -72,7 +74,7 @@ TEACHER_HELP = (
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
               help="Teacher precision: bf16/fp16 load and hold the weights in that dtype (hf:DIR and state dicts are read "
                    "straight into it; TorchScript, .pt2 and pickled modules are cast after loading) and run under "
-                   "torch.autocast. Top-k and logsumexp are always float32.")
+                   "torch.autocast. Top-k, logsumexp and the tail mass are always float32.")
 @placement_options()
 @click.option("--writer-threads", type=int, default=None, metavar="N",
               help="Host threads that convert/encode batches for the writer [default: min(4, cores)].")

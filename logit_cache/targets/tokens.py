@@ -96,7 +96,7 @@ def _encode_hidden(hidden: torch.Tensor, head: Callable[[torch.Tensor], torch.Te
             if drawing is None or drawing[0] != sequence:  # on the logits' device: the head's, which may differ from the body's
                 drawing = sequence, torch.Generator(device=chunk.device).manual_seed(sample_seed(seed, indices[sequence]))
             parts.append(kind.encode(chunk, width, dtype, sample_temperature=sample_temperature, generator=drawing[1]))
-        del logits
+        chunk = logits = None  # a view keeps the block alive too: free it before the next block's product
     return concat_encoded(parts)
 
 
