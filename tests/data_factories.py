@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import zarr
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.utils.data import Dataset
 
 HERE = Path(__file__).resolve().parent
@@ -278,3 +279,21 @@ class FlakyBag(CausalBag):
 def flaky_bag(vocab: int = 50, dim: int = 8, scale: float = 3.0) -> FlakyBag:
     FlakyBag.calls = 0
     return FlakyBag(vocab, dim, scale)
+
+
+class LargestFloat32(TorchFunctionMode):
+    """Records the largest float32 storage any torch call returns in its scope (views count their whole storage).
+
+    It sees the forward, inside an autograd.Function too; the autograd engine runs the backward without modes,
+    so a backward is checked through what is saved for it (test_token_losses.SavedTensors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, tuple) else (out,):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
+        return out

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.overrides import TorchFunctionMode
+from data_factories import LargestFloat32
 
 from logit_cache.targets import encoded as encoded_module
 from logit_cache.targets import get_kind
@@ -117,21 +117,6 @@ def test_chunking_does_not_change_a_row(monkeypatch: pytest.MonkeyPatch, mode: s
     parts = encode(raw, mode, width, "float32", m=width, generator=torch.Generator().manual_seed(0))
     for name in whole.arrays:
         assert torch.equal(whole.arrays[name], parts.arrays[name]), name
-
-
-class LargestFloat32(TorchFunctionMode):
-    """The largest float32 storage any torch call returns in its scope."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
-        return out
 
 
 def test_topk_makes_no_float32_copy_of_the_block(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
+from data_factories import LargestFloat32
 
 from logit_cache.errors import TargetMismatchError, UsageError
 from logit_cache.losses import TAILS, kd_loss
@@ -243,24 +243,6 @@ def test_other_temperature_without_sampled_logits_is_refused():
 
 
 # -- memory: nothing [N, V] in float32 ------------------------------------------------------------------
-
-
-class LargestFloat32(TorchFunctionMode):
-    """Records the largest float32 storage any torch call returns in its scope (views count their whole storage).
-
-    It sees the forward, inside the autograd.Function too; the autograd engine runs the backward without modes,
-    so the backward is checked through what is saved for it (:class:`SavedTensors`)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.largest = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple) else (out,):
-            if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
-                self.largest = max(self.largest, t.untyped_storage().nbytes() // 4)
-        return out
 
 
 class SavedTensors(torch.autograd.graph.saved_tensors_hooks):
