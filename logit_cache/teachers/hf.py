@@ -9,6 +9,7 @@ directory, config included (see :func:`~logit_cache.teachers.sources.teacher_sha
 
 from __future__ import annotations
 
+import importlib
 import logging
 import re
 import shutil
@@ -85,12 +86,12 @@ def load_hf(spec: str, request: LoadRequest) -> Loaded:
         )
     if not (directory / "config.json").is_file():
         raise CheckpointError(f"teacher {spec!r}: {str(directory)!r} has no config.json, so it is not a model directory; {_HF_DIR_HOLDS}")
-    transformers = _import_transformers(spec)
+    transformers = _import_extra("transformers", spec, "a Hugging Face model directory")
     placement = request.placement
     if placement is None:
         model = _hf_causal_lm(transformers, directory, spec, request.dtype, {})
         return Loaded(model, "hf", "hf", type(model).__name__, in_dtype=True)
-    _import_accelerate(spec)
+    _import_extra("accelerate", spec, "--device-map places its layers through accelerate")
     folder = placement.offload_folder or tempfile.mkdtemp(prefix="logit-cache-offload-")
     try:
         model = _hf_causal_lm(transformers, directory, spec, request.dtype, _placement_kwargs(placement, folder))
@@ -104,17 +105,6 @@ def load_hf(spec: str, request: LoadRequest) -> Loaded:
     device = input_device(model)
     detail = f"{type(model).__name__}, device map {placed or 'one device'}, inputs on {device}"
     return Loaded(model, "hf", "hf", detail, in_dtype=True, input_device=device, device_map=placed or {"": str(device)})
-
-
-def _import_accelerate(spec: str) -> None:
-    """Device maps are accelerate's work (optional, in the ``hf`` extra); MissingPackageError without it."""
-    try:
-        import accelerate  # noqa: F401
-    except ImportError as exc:
-        raise MissingPackageError(
-            f"--device-map for teacher {spec!r} places the model through the accelerate package ({exc}); install it with "
-            f"pip install 'logit-cache[hf]' (or pip install accelerate)"
-        ) from exc
 
 
 def _placement_kwargs(placement: Any, folder: str) -> dict[str, Any]:
@@ -157,16 +147,16 @@ def _as_device(value: Any) -> torch.device:
     return torch.device("cuda", value) if isinstance(value, int) else torch.device(value)
 
 
-def _import_transformers(spec: str) -> Any:
-    """``transformers``, imported only for ``hf:`` teachers (it takes seconds); MissingPackageError without it."""
+def _import_extra(module: str, spec: str, needs: str) -> Any:
+    """``module`` of the ``hf`` extra, imported only when an ``hf:`` teacher needs it (transformers takes
+    seconds to import); MissingPackageError naming the extra without it. ``needs`` says what needs it."""
     try:
-        import transformers
+        return importlib.import_module(module)
     except ImportError as exc:
         raise MissingPackageError(
-            f"teacher {spec!r} is a Hugging Face model directory, which needs the transformers package ({exc}); "
-            f"install it with pip install 'logit-cache[hf]' (or pip install transformers)"
+            f"teacher {spec!r}: {needs}, which needs the {module} package ({exc}); install it with "
+            f"pip install 'logit-cache[hf]' (or pip install {module})"
         ) from exc
-    return transformers
 
 
 def _dtype_argument(transformers: Any) -> str:
