@@ -87,7 +87,7 @@ REFERENCES = [
 GOALS = {("topk", 128): 300, ("topk", 50): 114, ("sampled", 50): 36}
 #: Issue 15's goals for the entropy encoding at vocab 131,072: (Zipf ids, uniform ids) B/token.
 ENTROPY_GOALS = {("topk", 128): (180, 240), ("topk", 50): (85, 110), ("sampled", 50): (30, 34)}
-#: Encodings compared (zarr); entropy needs the constriction package (pip install 'logit-cache[entropy]').
+#: Encodings compared (zarr).
 ENCODINGS = ("plain", "compact", "entropy")
 
 

@@ -1,7 +1,7 @@
 """The entropy encoding's Zarr codecs (store/entropy_codec.py): lossless round trips of ids and counts on
 random and adversarial chunks, the value quantizer's bounds, zarr arrays written and read through the
 codecs, a plain zarr read in a fresh interpreter (entry points only), a clear error where the codec is
-unknown or the coder library is missing, and damaged chunks caught by their checksum."""
+unknown or a chunk has another layout version, and damaged chunks caught by their checksum."""
 
 from __future__ import annotations
 
@@ -17,11 +17,9 @@ import zarr
 from zarr.codecs import Crc32cCodec
 from zarr.errors import UnknownCodecError
 
-from logit_cache.errors import CorruptShardError, MissingPackageError, UsageError
+from logit_cache.errors import CorruptShardError, UsageError
 from logit_cache.store import ArraySpec, get_backend
 from logit_cache.store import entropy_codec as ec
-
-pytest.importorskip("constriction")  # the optional extra; dev installs it
 
 
 def _sorted_rows(rng: np.random.Generator, rows: int, width: int, vocab: int) -> np.ndarray:
@@ -214,7 +212,7 @@ def test_damaged_chunks_fail_their_checksum(tmp_path: Path) -> None:
     path, _ = _write(tmp_path)
     chunk = path / "values" / "c" / "1" / "0"
     data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0x40  # one bit in the ANS words
+    data[len(data) // 2] ^= 0x40  # one bit in the coded sections
     chunk.write_bytes(bytes(data))
     with get_backend("zarr").open(path) as reader:
         np.testing.assert_array_equal(reader.read("values", 0, 256), reader.read("values", 0, 256))  # chunk 0 intact
@@ -224,10 +222,31 @@ def test_damaged_chunks_fail_their_checksum(tmp_path: Path) -> None:
         zarr.open_group(str(path), mode="r")["values"][:]
 
 
-def test_missing_coder_library_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    path, _ = _write(tmp_path)
-    monkeypatch.setitem(sys.modules, "constriction", None)  # import constriction -> ImportError
-    with pytest.raises(MissingPackageError, match=r"pip install 'logit-cache\[entropy\]'"):
-        ec.encode_sorted_ids(np.array([[1, 2]]))
-    with get_backend("zarr").open(path) as reader, pytest.raises(MissingPackageError, match="constriction"):
-        reader.read("ids")  # not reported as damage
+def test_other_layout_versions_are_refused_by_name() -> None:
+    """The first layout (b"LCE1", ANS streams) and foreign bytes: a clear error, never a decode."""
+    data = ec.encode_sorted_ids(np.array([[1, 5, 9]]))
+    assert data[:4] == b"LCE2"
+    with pytest.raises(ValueError, match=r"layout version b'LCE1'; this logit-cache reads b'LCE2' only \(rewrite the cache"):
+        ec.decode_sorted_ids(b"LCE1" + data[4:])
+    with pytest.raises(ValueError, match=r"not an entropy-coded logit-cache chunk \(it starts b'\\x00\\x01"):
+        ec.decode_quantized_logits(bytes([0, 1, 2, 3]) + data[4:])
+    with pytest.raises(ValueError, match="ends before its sections do"):
+        ec.decode_sorted_ids(ec.encode_sorted_ids(_sorted_rows(np.random.default_rng(0), 50, 8, 70000))[:-2])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_packed_raw_bits_round_trip(seed: int) -> None:
+    """Fields of 0..56 bits at every bit offset, against a bit-by-bit packing done here."""
+    rng = np.random.default_rng(seed)
+    bits = rng.integers(0, 57, 3000)
+    bits[:20] = 0
+    bits[-5:] = 56
+    values = np.array([int(rng.integers(0, 1 << int(b))) if b else 0 for b in bits], np.int64)
+    stream = "".join(format(int(v), f"0{int(b)}b")[::-1] for v, b in zip(values, bits, strict=True) if b)  # LSB first
+    stream += "0" * (-len(stream) % 8)
+    expected = bytes(int(stream[i : i + 8][::-1], 2) for i in range(0, len(stream), 8))
+    packed = ec.pack_bits(values, bits)
+    assert packed == expected
+    np.testing.assert_array_equal(ec.unpack_bits(packed, bits), values)
+    with pytest.raises(ValueError, match="raw bits do not match"):
+        ec.unpack_bits(packed + b"\0", bits)

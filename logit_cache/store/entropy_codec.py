@@ -21,24 +21,28 @@ A codec sees one chunk of one array, so every array is self-contained:
     sampled counts do, which makes its last count implied) is one categorical symbol; counts - 1
     are bucketed like gaps.
 ``logit_cache.quantized_logits`` (float [rows, W], configuration ``levels`` L)
-    Lossy, self-contained per row: the row's maximum v_max (float32, exact, its first position
-    marked by its own symbol), S = sum over the other entries of exp(v_j - v_max) (float32 log), and
-    codes c_j = round(L * exp((v_j - v_max) / 2)): levels spaced evenly in sqrt(p / p_max), the
-    spacing that costs the same KL per entry at T=1 (``targets/compact.py`` explains why). Decoding
-    rescales the other entries' exp(v^_j - v_max) to sum to S, so the row's top-k mass and hence its
-    tail mass (1 - top-k mass, exact from logsumexp) survive to float32 precision: a confident token's
-    tail of 1e-5 is not lost to rounding (with S in float16 it was: KL at T=2 of several nats on such
-    rows). v_max and log S are stored with Blosc-zstd.
+    Lossy, self-contained per row: the row's maximum v_max (exact: float16 for the chunk where every
+    maximum is a float16, else float32; its first position marked by code 0), codes
+    c_j = round(L * exp((v_j - v_max) / 2)) + 1: levels spaced evenly in sqrt(p / p_max), the spacing
+    that costs the same KL per entry at T=1 (``targets/compact.py`` explains why), bucketed like gaps;
+    and S = sum over the other entries of exp(v_j - v_max), stored as round((log S - log S^) / 2^-24),
+    S^ the codes' own sum (a small integer, zigzag-coded; 0 for S = 0). Decoding rescales the other
+    entries' exp(v^_j - v_max) to sum to S, so the row's top-k mass and hence its tail mass (1 - top-k
+    mass, exact from logsumexp) survive to float32 precision: a confident token's tail of 1e-5 is not
+    lost to rounding (with S in float16 it was: KL at T=2 of several nats on such rows).
 
-Models are static per chunk (the histograms are in the chunk's header), coded with ``constriction``'s
-ANS coder: the library's vectorised coder, no bit loop in Python. A chunk is decoded whole; its rows
-are then independent (any subset, any order, are the same rows).
+Symbol streams (row lengths, bucket symbols per group) are one byte a symbol (two where a stream
+spans more than 256 values) compressed by zstd (numcodecs, which zarr depends on): its Huffman/FSE
+literal coder is the per-chunk static model (within ~1% of the histogram's entropy here) and its
+matches catch repeats. The raw low bits are packed as they are. Both decode vectorised (zstd in C, the
+bits by one unaligned 64-bit load per field), ~10x faster than the first layout's ANS streams
+(``constriction``, one binary search a symbol). A chunk is decoded whole; its rows are then
+independent (any subset, any order, are the same rows).
 
-Chunk bytes: ``b"LCE1"``, uint32 header length, the zlib-compressed header (model histograms, side
-information), the ANS words (uint32, little-endian). Chunks depend on ``constriction`` building the
-same model from the same histogram: true within its 0.x line (the models are quantized with integer
-arithmetic from the frequencies given); a cache is read with the versions of ``pip install
-'logit-cache[entropy]'``.
+Chunk bytes: ``b"LCE2"`` (the layout version; other versions are refused naming it), uint32 header
+length, the zlib-compressed header (int64 fields: shapes, per stream its smallest symbol, span, mode
+and byte length), then the sections in order. zstd frames are a stable format (RFC 8878), so a chunk
+reads the same with any zstd version.
 """
 
 from __future__ import annotations
@@ -51,18 +55,19 @@ from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 
 from .entropy_chunks import (
-    constriction,
     decode_counts,
     decode_quantized_logits,
     decode_sorted_ids,
     encode_counts,
     encode_quantized_logits,
     encode_sorted_ids,
+    pack_bits,
+    unpack_bits,
 )
 
-__all__ = ["CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "constriction", "decode_counts",
+__all__ = ["CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "decode_counts",
            "decode_quantized_logits", "decode_sorted_ids", "encode_counts", "encode_quantized_logits", "encode_sorted_ids",
-           "make_codec", "register_codecs"]
+           "make_codec", "pack_bits", "register_codecs", "unpack_bits"]
 
 
 # --------------------------------------------------------------------------------------------------
