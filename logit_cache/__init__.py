@@ -8,7 +8,7 @@ See README.md for the command line and the package layout; the public Python nam
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # ``dump``, ``train`` and ``token_losses``: callable modules (see _legacy.callable_module); bound
 # here as the modules so that ``import logit_cache.dump`` and ``logit_cache.dump(...)`` agree.

@@ -249,6 +249,22 @@ def test_failure_keeps_finished_shards_for_resume(cli, tmp_path, teacher):
     assert progress == [f"shard-{i:05d}.zarr.json" for i in range(first_bad // 32)]
 
 
+def test_resume_of_a_dump_started_by_an_older_version_is_refused_by_name(cli, teacher_ckpt, tmp_path):
+    """An unfinished dump of a version that wrote fewer arrays (before topk_log_tail) cannot be mixed with new shards."""
+    out = tmp_path / "cache"
+    assert cli(*dump_args(teacher_ckpt, out, "--topk", "3", "--shard-rows", "100")).exit_code == 0
+    work = tmp_path / "cache.partial"
+    out.rename(work)
+    manifest = json.loads((work / "manifest.json").read_text())
+    manifest.update(complete=False, tool_version="0.1.0")
+    del manifest["arrays"]["topk_log_tail"]
+    (work / "manifest.json").write_text(json.dumps(manifest))
+    result = cli(*dump_args(teacher_ckpt, out, "--topk", "3", "--shard-rows", "100", "--resume"))
+    assert result.exit_code != 0
+    assert "started by logit-cache 0.1.0" in result.output and "topk_log_tail" in result.output
+    assert "--overwrite" in result.output and not out.exists()
+
+
 def test_resume_after_a_kill_inside_finalize(cli, teacher_ckpt, tmp_path):
     """A complete manifest left in OUT.partial (killed between finalize's steps) is finished, not recomputed."""
     out = tmp_path / "cache"

@@ -154,6 +154,13 @@ def prepare_work_dir(work: Path, manifest: Manifest, plans: list[ShardPlan], bac
             ) from exc
         now, before = manifest.to_dict(), previous.to_dict()
         differ = [name for name in _RESUME_FIELDS if now[name] != before[name]]
+        if differ == ["arrays"] and previous.tool_version != manifest.tool_version:
+            added = sorted(set(now["arrays"]) - set(before["arrays"]))
+            raise UsageError(
+                f"--resume: the unfinished dump at {work} was started by logit-cache {previous.tool_version or 'before 0.1'}, "
+                f"whose shards lack arrays this version writes ({', '.join(added) or 'other array specs'}); its finished "
+                f"shards cannot be mixed with new ones: pass --overwrite to start over"
+            )
         if differ:
             detail = "; ".join(f"{name}: was {before[name]!r}, now {now[name]!r}" for name in differ)
             raise UsageError(
