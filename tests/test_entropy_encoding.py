@@ -13,7 +13,7 @@ import pytest
 import torch
 from data_factories import causal_bag, dump_digits, spec
 
-from logit_cache import DumpConfig, dump, open_cache
+from logit_cache import DumpConfig, dump, open_cache, verify_cache
 from logit_cache.errors import UsageError
 from logit_cache.store import get_backend
 from logit_cache.targets import decode_arrays, encode_arrays, stored_specs
@@ -150,6 +150,10 @@ def test_per_token_dumps_read_back_like_plain(tmp_path: Path) -> None:
     plain = open_cache(_token_dump(tmp_path, teacher, "p", mode="topk", k=8, dtype="float32"))
     coded = open_cache(_token_dump(tmp_path, teacher, "e", mode="topk", k=8, dtype="float32", encoding="entropy"))
     assert coded.manifest.encoding == "entropy" and coded.manifest.key != plain.manifest.key
+    # the shard checksums are over what reads back (the values are quantized): verify passes, and a
+    # checksum over the values the writer was given would not match them
+    report = verify_cache(coded.path, progress=False)
+    assert report.ok, report.failures
     rows = np.arange(plain.num_rows)
     _compare_topk(plain.rows(rows), coded.rows(rows), 50)
     picked = rows[::-7]
@@ -162,6 +166,7 @@ def test_per_token_dumps_read_back_like_plain(tmp_path: Path) -> None:
     for name in a:
         np.testing.assert_array_equal(b[name], a[name])
         assert b[name].dtype == a[name].dtype
+    assert verify_cache(sampled_coded.path, progress=False).ok
 
 
 @pytest.mark.slow
@@ -170,5 +175,6 @@ def test_per_sample_dump_reads_back_like_plain(tmp_path: Path, teacher: Path) ->
     coded = open_cache(dump_digits(tmp_path, teacher, "e", mode="topk", k=4, dtype="float32", encoding="entropy"))
     rows = np.arange(plain.num_rows)
     _compare_topk(plain.rows(rows), coded.rows(rows), 10)
+    assert verify_cache(coded.path, progress=False).ok
     with pytest.raises(UsageError, match=r"codecs that only zarr can register .*use --format zarr, or --encoding compact"):
         dump_digits(tmp_path, teacher, "h", mode="topk", k=4, encoding="entropy", backend="hdf5")

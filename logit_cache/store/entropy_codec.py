@@ -65,7 +65,7 @@ from .entropy_chunks import (
     unpack_bits,
 )
 
-__all__ = ["CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "decode_counts",
+__all__ = ["CODECS", "LOSSY_CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "decode_counts",
            "decode_quantized_logits", "decode_sorted_ids", "encode_counts", "encode_quantized_logits", "encode_sorted_ids",
            "make_codec", "pack_bits", "register_codecs", "unpack_bits"]
 
@@ -166,6 +166,9 @@ class QuantizedLogitsCodec(_EntropyCodec):
 
 #: Codec name -> class; the names in pyproject.toml's ``zarr.codecs`` entry points.
 CODECS: dict[str, type[_EntropyCodec]] = {cls.codec_name: cls for cls in (SortedIdsCodec, CountsCodec, QuantizedLogitsCodec)}
+#: Codecs whose decoded values differ from the values written: a shard's checksum of such an array is over
+#: what it reads back (the writer reads each written block back), so verify and readers check what they get.
+LOSSY_CODECS = frozenset({QuantizedLogitsCodec.codec_name})
 
 
 def make_codec(name: str, config: tuple[tuple[str, Any], ...] = ()) -> _EntropyCodec:

@@ -24,7 +24,7 @@ from zarr.core.sync import collect_aiterator
 
 from ..errors import CorruptShardError
 from .base import ArraySpec, Backend, ShardReader, ShardWriter
-from .entropy_codec import make_codec
+from .entropy_codec import LOSSY_CODECS, make_codec
 from .locations import URLPath, is_url, url_filesystem
 
 
@@ -55,12 +55,16 @@ class ZarrShardWriter(ShardWriter):
             )
             for spec in specs
         }
+        self._read_back = {spec.name for spec in specs if spec.codec in LOSSY_CODECS}
 
     def _write_rows(self, name: str, start: int, data: np.ndarray) -> None:
         array = self._arrays[name]
         if start + len(data) > array.shape[0]:
             array.resize((start + len(data), *array.shape[1:]))
         array[start : start + len(data)] = data
+
+    def _read_rows(self, name: str, start: int, rows: int) -> np.ndarray:
+        return self._arrays[name][start : start + rows]
 
     def _resize(self, name: str, rows: int) -> None:
         array = self._arrays[name]
