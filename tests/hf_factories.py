@@ -132,3 +132,11 @@ def dump_views_cache(root: Path, n: int = IMAGES, views: int = 2, seed: int = 5)
 
 def initial_copy(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def tiny_llama(vocab: int = 96, hidden: int = 32, layers: int = 2, tie: bool = False) -> transformers.LlamaForCausalLM:
+    """A random Llama-style causal LM small enough for CPU tests (GQA: 4 heads, 2 key/value heads)."""
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
+                                      eos_token_id=1, pad_token_id=0, tie_word_embeddings=tie)
+    return transformers.LlamaForCausalLM(config)

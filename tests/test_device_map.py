@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 from data_factories import read_plain
+from hf_factories import tiny_llama
 
 from logit_cache import DumpConfig, dump
 from logit_cache.errors import MissingPackageError, UsageError
@@ -28,11 +29,8 @@ SPLIT = '{"cpu": "200KB", "disk": "1GB"}'
 @pytest.fixture(scope="module")
 def llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-                                      num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=1, pad_token_id=0,
-                                      tie_word_embeddings=False)
     directory = tmp_path_factory.mktemp("llama") / "tiny"
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    tiny_llama(VOCAB, hidden=64, layers=4).save_pretrained(directory)
     return directory
 
 

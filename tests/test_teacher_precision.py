@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from data_factories import causal_bag, read_plain, spec
+from hf_factories import tiny_llama
 from torch import nn
 
 from logit_cache import DumpConfig, dump
@@ -24,13 +25,6 @@ from logit_cache.teachers import load_teacher
 
 HERE = Path(__file__).resolve().parent
 VOCAB = 96
-
-
-def tiny_llama(vocab: int = VOCAB, hidden: int = 32, layers: int = 2, tie: bool = False) -> transformers.LlamaForCausalLM:
-    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1,
-                                      eos_token_id=1, pad_token_id=0, tie_word_embeddings=tie)
-    return transformers.LlamaForCausalLM(config)
 
 
 @pytest.fixture(scope="module")
