@@ -37,7 +37,21 @@ class InspectedLogits:
 
     def overflows(self, stored_extremes: torch.Tensor) -> torch.Tensor:
         """[B]: finite rows whose ``stored_extremes`` [B, n] do not fit the storage dtype."""
-        return ~torch.isfinite(stored_extremes.to(self.store_dtype)).all(dim=1) & ~self.nonfinite
+        return overflows(stored_extremes, self.store_dtype, self.nonfinite)
+
+
+def overflows(stored_extremes: torch.Tensor, store_dtype: torch.dtype, nonfinite: torch.Tensor) -> torch.Tensor:
+    """[B]: rows not flagged ``nonfinite`` whose ``stored_extremes`` [B, n] (the largest and smallest
+    values a row stores) do not fit ``store_dtype`` (|logit| > 65504 in float16)."""
+    return ~torch.isfinite(stored_extremes.to(store_dtype)).all(dim=1) & ~nonfinite
+
+
+def row_extremes(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's [max, min] (B, 2) float32 from one ``aminmax`` pass in the logits' own dtype, and the rows
+    holding NaN or inf (B,): a row is finite iff its extremes are (NaN propagates into both)."""
+    low, high = torch.aminmax(logits, dim=1)
+    extremes = torch.stack([high, low], dim=1).float()
+    return extremes, ~torch.isfinite(extremes).all(dim=1)
 
 
 def inspect_logits(logits: torch.Tensor, dtype: str) -> InspectedLogits:
@@ -50,8 +64,7 @@ def inspect_logits(logits: torch.Tensor, dtype: str) -> InspectedLogits:
     if logits.dim() != 2:
         raise ValueError(f"expected logits of shape [batch, classes], got {tuple(logits.shape)}")
     raw = logits.float()  # (B, C)
-    extremes = torch.stack([raw.amax(dim=1), raw.amin(dim=1)], dim=1)  # (B, 2)
-    return InspectedLogits(raw, torch_dtype(dtype), extremes, ~torch.isfinite(extremes).all(dim=1))
+    return InspectedLogits(raw, torch_dtype(dtype), *row_extremes(raw))
 
 
 def concat_encoded(parts: list[EncodedBatch]) -> EncodedBatch:
@@ -102,7 +115,8 @@ def wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def exp_sums(logits: torch.Tensor, shift: torch.Tensor, exclude: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def exp_sums(logits: torch.Tensor, shift: torch.Tensor, exclude: torch.Tensor | None = None,
+             probe: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per row: ``sum_j exp(x_j - shift)`` over the columns not in ``exclude`` [B, K] (ids), float32
     accumulation (B,), and a finiteness probe (B,): finite iff every logit of the row is (given a
     finite ``shift``; it is the sum of the scaled differences, so NaN and -inf propagate into it).
@@ -110,7 +124,8 @@ def exp_sums(logits: torch.Tensor, shift: torch.Tensor, exclude: torch.Tensor | 
     ``shift`` [B] float32 (the row's max). One chunk of rows at a time: ``x * log2(e) - shift * log2(e)``
     in float32, a finiteness sum over it, its ``exp2`` in place, the excluded columns zeroed (a K-wide
     scatter), a sum. The sums are relative to ``fl(shift * log2(e)) / log2(e)``, not ``shift``:
-    :func:`shift_error` [B] is the log-factor that puts them back.
+    :func:`shift_error` [B] is the log-factor that puts them back. Without ``probe`` (the caller knows
+    the bad rows already) the finiteness sum is skipped and None returned for it.
     """
     rows = chunk_rows(logits)
     base = shift.float() * LOG2E  # (B,) float32, rounded: exp_sums are relative to it
@@ -121,15 +136,16 @@ def exp_sums(logits: torch.Tensor, shift: torch.Tensor, exclude: torch.Tensor | 
         # broadcast input is 4x slower on a CPU
         work = part * LOG2E if part.dtype in (torch.float32, torch.float64) else part.float().mul_(LOG2E)
         work.sub_(base[lo : lo + rows, None])  # (r, C)
-        probes.append(work.sum(dim=1))  # NaN and -inf propagate (a finite row would need |logits| > 1e33 to overflow it)
+        if probe:  # NaN and -inf propagate (a finite row would need |logits| > 1e33 to overflow it)
+            probes.append(work.sum(dim=1))
         work.exp2_()
         if exclude is not None:
             work.scatter_(1, exclude[lo : lo + rows], 0.0)
         sums.append(work.sum(dim=1))
     if not sums:
         empty = shift.new_zeros((0,), dtype=torch.float32)
-        return empty, empty
-    return torch.cat(sums), torch.cat(probes)
+        return empty, empty if probe else None
+    return torch.cat(sums), torch.cat(probes) if probe else None
 
 
 def shift_error(shift: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
@@ -139,10 +155,9 @@ def shift_error(shift: torch.Tensor, wide: torch.dtype) -> torch.Tensor:
     return base / LOG2E - shift.to(wide)
 
 
-def logsumexp_rows(logits: torch.Tensor, top: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Float32 logsumexp [B] of ``logits`` [B, C] given each row's max ``top`` [B], and :func:`exp_sums`'
-    finiteness probe [B]: one chunked pass, never a float32 copy of the whole block."""
-    sums, low = exp_sums(logits, top)
+def logsumexp_rows(logits: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Float32 logsumexp [B] of ``logits`` [B, C] given each row's max ``top`` [B] (bad rows are the
+    caller's to find: :func:`row_extremes`): one chunked pass, never a float32 copy of the whole block."""
+    sums, _ = exp_sums(logits, top, probe=False)
     wide = wide_dtype(logits.device)
-    lse = top.to(wide) + shift_error(top, wide) + sums.to(wide).log()
-    return lse.float(), low
+    return (top.to(wide) + shift_error(top, wide) + sums.to(wide).log()).float()

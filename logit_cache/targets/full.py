@@ -15,7 +15,7 @@ import torch
 from ..store.base import ArraySpec
 from .batch import Targets, lengths_field
 from .dtypes import torch_dtype
-from .encoded import EncodedBatch, check_logits
+from .encoded import EncodedBatch, check_logits, overflows, row_extremes
 from .registry import TargetKind
 
 
@@ -34,11 +34,9 @@ class FullLogits(TargetKind):
     def encode(self, raw: torch.Tensor, width: int | None, dtype: str, *, sample_temperature: float = 1.0,
                generator: torch.Generator | None = None) -> EncodedBatch:
         logits = check_logits(raw)
-        low, high = torch.aminmax(logits, dim=1)  # (B,) each, one pass
-        extremes = torch.stack([high, low], dim=1).float()  # (B, 2); NaN propagates
-        nonfinite = ~torch.isfinite(extremes).all(dim=1)
+        extremes, nonfinite = row_extremes(logits)  # (B, 2), (B,): one pass
         store = torch_dtype(dtype)
-        overflow = ~torch.isfinite(extremes.to(store)).all(dim=1) & ~nonfinite
+        overflow = overflows(extremes, store, nonfinite)
         mass = extremes.new_full((), float(len(logits)))  # a fill on the device, not a host copy
         return EncodedBatch({"logits": logits.to(store)}, nonfinite, overflow, mass)
 

@@ -23,7 +23,7 @@ from ..store.base import ArraySpec
 from .batch import Targets, lengths_field, sample_unique
 from .compact import decode_sampled, encode_sampled, sampled_specs
 from .dtypes import count_dtype, index_dtype, torch_dtype
-from .encoded import EncodedBatch, check_logits, logsumexp_rows
+from .encoded import EncodedBatch, check_logits, logsumexp_rows, overflows, row_extremes
 from .registry import TargetKind
 
 
@@ -63,10 +63,8 @@ class Sampled(TargetKind):
         logits = check_logits(raw)
         if width is None or width < 1:
             raise ValueError(f"m must be >= 1, got {width}")
-        low, high = torch.aminmax(logits, dim=1)  # (B,) each, one pass in the logits' dtype; NaN propagates
-        extremes = torch.stack([high, low], dim=1).float()  # (B, 2)
-        nonfinite = ~torch.isfinite(extremes).all(dim=1)
-        lse, _ = logsumexp_rows(logits, extremes[:, 0])  # (B,)
+        extremes, nonfinite = row_extremes(logits)  # (B, 2), (B,): one pass in the logits' dtype
+        lse = logsumexp_rows(logits, extremes[:, 0])  # (B,)
         ids, counts = sample_unique(logits, width, sample_temperature, generator, finite=~nonfinite)
         arrays = {"sampled_indices": ids.to(torch.int32), "sampled_counts": counts, "logsumexp": lse}
         overflow = torch.zeros_like(nonfinite)
@@ -74,7 +72,7 @@ class Sampled(TargetKind):
         if sample_temperature != 1.0:
             store = torch_dtype(dtype)
             arrays["sampled_logits"] = drawn.masked_fill(counts == 0, 0.0).to(store)  # pads 0
-            overflow = ~torch.isfinite(extremes.to(store)).all(dim=1) & ~nonfinite  # a drawn logit lies within the row's extremes
+            overflow = overflows(extremes, store, nonfinite)  # a drawn logit lies within the row's extremes
         # the sampled estimate's mass of distinct ids at T=1 (what `dump` reports as coverage)
         probs = torch.exp(drawn - lse[:, None]).masked_fill(counts == 0, 0.0)
         return EncodedBatch(arrays, nonfinite, overflow, probs.sum())

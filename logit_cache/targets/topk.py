@@ -30,7 +30,7 @@ from ..store.base import ArraySpec
 from .batch import LOG_MASS_FLOOR, Targets, lengths_field
 from .compact import decode_topk, encode_topk, topk_specs
 from .dtypes import index_dtype, torch_dtype
-from .encoded import EncodedBatch, check_logits, exp_sums, shift_error, wide_dtype
+from .encoded import EncodedBatch, check_logits, exp_sums, overflows, shift_error, wide_dtype
 from .registry import TargetKind
 
 
@@ -82,7 +82,7 @@ class TopK(TargetKind):
         lse, log_tail, top_mass = _row_masses(top, tail_sum)
         nonfinite = ~(torch.isfinite(top[:, 0]) & torch.isfinite(probe))
         store = torch_dtype(dtype)
-        overflow = ~torch.isfinite(top[:, [0, -1]].to(store)).all(dim=1) & ~nonfinite  # only the stored values must fit
+        overflow = overflows(top[:, [0, -1]], store, nonfinite)  # only the stored values must fit
         arrays = {"topk_logits": top.to(store), "topk_indices": top_ids.to(torch.int32), "logsumexp": lse, "topk_log_tail": log_tail}
         return EncodedBatch(arrays, nonfinite, overflow, top_mass.sum().float())
 
