@@ -46,13 +46,14 @@ from ..format.layout import (  # noqa: F401  (moved to format.layout)
     array_specs,
     chunk_and_shard_rows,
     plan_layout,
+    split_for_rank,
 )
 from ..format.manifest import Manifest, read_manifest
 from ..format.naming import ROOT_ENV, cache_dir_name, readable_name  # noqa: F401  (re-exported: old import path)
 from ..format.paths import output_errors
 from ..io.locks import writer_lock
 from ..io.lookup import directory_bytes, find_by_key  # noqa: F401  (re-exported: old import path)
-from ..io.writer import check_output, finalize, prepare_work_dir, read_progress, split_for_rank
+from ..io.workdir import check_output, finalize, prepare_work_dir, read_progress
 from ..store import BACKENDS, DEFAULT_BACKEND, get_backend
 from ..targets import DEFAULT_KIND, KINDS, VALUE_DTYPES, get_kind
 from ..targets.compact import CODED_ENCODINGS, ENCODINGS

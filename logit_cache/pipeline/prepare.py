@@ -24,7 +24,7 @@ from ..format.manifest import FORMAT_VERSION, Manifest
 from ..format.naming import cache_dir_name, readable_name
 from ..format.paths import output_errors, partial_path
 from ..io.lookup import find_by_key
-from ..io.writer import check_output
+from ..io.workdir import check_output
 from ..targets import TargetKind, get_kind
 from ..teachers.placement import Placement, resolve_placement
 from ..teachers.runtime import autocast_for, resolve_device, to_device

@@ -61,8 +61,9 @@ from ..format.manifest import FORMAT_VERSION, MANIFEST_NAME, Manifest, ShardEntr
 from ..format.paths import partial_path
 from ..io.locks import writer_lock
 from ..io.lookup import directory_bytes
+from ..io.ownership import discard_dir, refuse_unless_ours, write_work_marker
 from ..io.reader import CacheReader, open_reader
-from ..io.writer import check_work_intact, discard_dir, move_into_place, refuse_unless_ours, write_work_marker
+from ..io.workdir import check_work_intact, move_into_place
 from ..store import BACKENDS, ArraySpec, Backend, ShardReader, get_backend
 from ..targets import KINDS, VALUE_DTYPES, get_kind
 from .convert_shard import convert_shard, source_bytes

@@ -20,9 +20,11 @@ from tqdm import tqdm
 from ..errors import CacheFormatError, UsageError
 from ..format.manifest import MANIFEST_NAME, Manifest
 from ..format.naming import CACHE_NAME, ROOT_ENV
+from ..format.paths import PARTIAL_SUFFIX
 from ..io.locks import is_locked
 from ..io.lookup import directory_bytes
-from ..io.writer import PARTIAL_SUFFIX, REPLACED_INFIX, is_our_manifest, read_work_marker
+from ..io.ownership import is_our_manifest, read_work_marker
+from ..io.workdir import REPLACED_INFIX
 
 #: ``NAME.replaced-PID``: the old cache an ``--overwrite`` moves aside while it swaps in the new one.
 REPLACED = re.compile(re.escape(REPLACED_INFIX) + r"\d+$")
