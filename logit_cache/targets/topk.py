@@ -32,6 +32,7 @@ from .compact import decode_topk, encode_topk, topk_specs
 from .dtypes import index_dtype, torch_dtype
 from .encoded import EncodedBatch, check_logits, exp_sums, overflows, shift_error, wide_dtype
 from .registry import TargetKind
+from .selection import block_topk, blocked
 
 
 class TopK(TargetKind):
@@ -76,7 +77,9 @@ class TopK(TargetKind):
         logits = check_logits(raw)
         if width is None or not 1 <= width <= logits.shape[1]:
             raise ValueError(f"k must be in [1, {logits.shape[1]}], got {width}")
-        top_values, top_ids = torch.topk(logits, width, dim=1, largest=True, sorted=True)  # (B, K) each, the logits' dtype
+        # (B, K) each, the logits' dtype; wide float32 rows on a CPU select through block maxima (selection.py)
+        select = block_topk if blocked(logits, width) else _topk
+        top_values, top_ids = select(logits, width)
         top = top_values.float()  # exact: the stored values are the logits themselves
         tail_sum, probe = exp_sums(logits, top[:, 0], exclude=top_ids)  # (B,) relative to the max, float32 accumulation
         lse, log_tail, top_mass = _row_masses(top, tail_sum)
@@ -119,6 +122,10 @@ class TopK(TargetKind):
             log_tail=torch.from_numpy(arrays["topk_log_tail"]) if "topk_log_tail" in arrays else None,
             **lengths_field(lengths),
         )
+
+
+def _topk(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.topk(logits, k, dim=1, largest=True, sorted=True)
 
 
 def _row_masses(top: torch.Tensor, tail_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
