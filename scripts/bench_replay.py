@@ -19,7 +19,12 @@ repeats): ``labels`` (a plain DataLoader over the augmented dataset with a seede
 ``ChunkShuffleSampler``, cross-entropy), ``cached views`` (``cache.wrap(ds)``, ``cache.sampler()``,
 ``cache.collate``, ``DistillationLoss(KLDivergence(2.0))``: the demo's T) and ``cached views, CE
 only`` (the same loader, the targets unused: the data path's share). Ratios are medians of
-per-repeat ratios.
+per-repeat ratios. Last, the cost of an item (``dataset[i]``, and ``replay_items`` over the same
+batches), interleaved passes over the data set, thread CPU time.
+
+``--draws torch``: the same augmentation with every draw from torch's generator (``torch_only_digits``
+below), as torchvision-style transforms draw; replay then seeds one generator an item instead of
+three (``replay.py`` learns which ones the items draw from). The report records which it learnt.
 """
 
 from __future__ import annotations
@@ -52,6 +57,30 @@ STUDENT_KWARGS = {"hidden": 32, "depth": 1}
 GOAL = 1.10
 
 
+class TorchOnlyDigits(DigitsDataset):
+    """``DigitsDataset(augment=True)``'s augmentation (shift, noise of std 0.1, flip with probability 0.2), all from torch."""
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        image = self.images[index]
+        shift = torch.randint(-1, 2, (2,))
+        image = torch.roll(image, shifts=(int(shift[0]), int(shift[1])), dims=(1, 2))
+        image = image + 0.1 * torch.randn(image.shape)
+        if float(torch.rand(())) < 0.2:
+            image = image.flip(2)
+        return image, int(self.labels[index])
+
+
+def torch_only_digits(split: str = "train") -> TorchOnlyDigits:
+    return TorchOnlyDigits(split, augment=True)
+
+
+def workload(draws: str) -> tuple[str, dict[str, Any], Any]:
+    """(dataset spec, kwargs, the dataset) of ``--draws``."""
+    if draws == "torch":
+        return f"{Path(__file__).resolve()}:torch_only_digits", {"split": "train"}, torch_only_digits("train")
+    return "digits", {"split": "train", "augment": True}, DigitsDataset("train", augment=True)
+
+
 def epoch(kind: str, ds: Any, cache: Any, student: torch.nn.Module, batch_size: int, epoch_index: int) -> tuple[float, float]:
     """One epoch of training ``student`` in place; returns (wall seconds, seconds waiting on the loader)."""
     if kind == "labels":
@@ -82,17 +111,37 @@ def epoch(kind: str, ds: Any, cache: Any, student: torch.nn.Module, batch_size: 
     return time.perf_counter() - started, waited
 
 
+def per_item(ds: Any, views: int, batch_size: int, repeats: int = 7) -> dict[str, float]:
+    """Microseconds an item (thread CPU time, the minimum of ``repeats`` interleaved passes over the data set):
+    ``dataset[i]`` alone, and ``replay_items`` over the same batches with views as the sampler gives them."""
+    from logit_cache.data.replay import default_view, replay_items
+
+    order = np.random.default_rng(0).permutation(len(ds))
+    batches = [(order[s : s + batch_size], default_view(0, order[s : s + batch_size], views)) for s in range(0, len(ds), batch_size)]
+    passes = {"item": lambda: [[ds[i] for i in b.tolist()] for b, _ in batches],
+              "replayed item": lambda: [replay_items(ds, b, v, 0) for b, v in batches]}
+    best = {name: float("inf") for name in passes}
+    for name in passes:  # warm-up (and the replay learns its generators)
+        passes[name]()
+    for repeat in range(repeats):
+        for name in passes if repeat % 2 == 0 else list(passes)[::-1]:
+            started = time.thread_time()
+            passes[name]()
+            best[name] = min(best[name], (time.thread_time() - started) / len(ds) * 1e6)
+    return best
+
+
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     torch.manual_seed(0)
     teacher_path = workdir / "teacher.pt"
     torch.save(digits_mlp(**TEACHER_KWARGS).state_dict(), teacher_path)
     started = time.perf_counter()
-    dump_cache(DumpConfig(teacher=str(teacher_path), arch=ARCH, arch_kwargs=dict(TEACHER_KWARGS), dataset="digits",
-                          dataset_kwargs={"split": "train", "augment": True}, out=str(workdir / "views"), k=5,
-                          views=args.views, seed=0, device="cpu", quiet=True))
+    spec, kwargs, ds = workload(args.draws)
+    dump_cache(DumpConfig(teacher=str(teacher_path), arch=ARCH, arch_kwargs=dict(TEACHER_KWARGS), dataset=spec,
+                          dataset_kwargs=kwargs, out=str(workdir / "views"), k=5, views=args.views, seed=0, device="cpu",
+                          quiet=True))
     dump_s = time.perf_counter() - started
     cache = open_cache(workdir / "views")
-    ds = DigitsDataset("train", augment=True)
     torch.manual_seed(1)
     student0 = digits_mlp(**STUDENT_KWARGS)
     kinds = ["labels", "cached views", "cached views, CE only"]
@@ -116,9 +165,15 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             "data_s": statistics.median(r["data_s"] for r in mine),
             "over_labels": statistics.median(r["wall_s"] / by[(r["repeat"], "labels")]["wall_s"] for r in mine),
         })
+    try:  # which generators replay learnt to seed (older code: all three, always)
+        from logit_cache.data.replay import drawn_generators
+        seeded = list(drawn_generators(ds))
+    except ImportError:
+        seeded = ["torch", "numpy", "random"]
+    items_us = per_item(ds, args.views, args.batch_size)
     return {
-        "summary": summary, "measurements": records, "dump_s": dump_s,
-        "config": {"views": args.views, "epochs": args.epochs, "repeats": args.repeats, "batch_size": args.batch_size,
+        "summary": summary, "measurements": records, "dump_s": dump_s, "seeded": seeded, "per_item_us": items_us,
+        "config": {"draws": args.draws, "views": args.views, "epochs": args.epochs, "repeats": args.repeats, "batch_size": args.batch_size,
                    "teacher": TEACHER_KWARGS, "student": STUDENT_KWARGS, "samples": len(ds),
                    "command": " ".join(["python", *sys.argv]), "logit_cache": str(Path(logit_cache.__file__).parent)},
         "machine": {"torch": torch.__version__, "numpy": np.__version__, "torch_threads": torch.get_num_threads()},
@@ -131,12 +186,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=3, help="epochs a timed measurement (default 3)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved repeats (default 5)")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size (default 64, the trainer's)")
+    parser.add_argument("--draws", choices=["all", "torch"], default="all",
+                        help="all: DigitsDataset(augment=True), drawing from torch, numpy and random (default); torch: the same "
+                             "augmentation drawn from torch alone")
     parser.add_argument("--json", default="data/bench_replay.json", help="where to write the results")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="bench-replay-") as tmp:
         report = run(args, Path(tmp))
     report["date"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
-    print(f"\naugmented digits, {report['config']['samples']} samples, batch {args.batch_size}, {args.views} views; "
+    print(f"\naugmented digits ({args.draws} draws; replay seeds {', '.join(report['seeded']) or 'nothing'}), "
+          f"{report['config']['samples']} samples, batch {args.batch_size}, {args.views} views; "
           f"logit_cache from {report['config']['logit_cache']}")
     print("| variant               | epoch s | best s | data s | vs labels | goal <= 1.10 |")
     print("|-----------------------|---------|--------|--------|-----------|--------------|")
@@ -144,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         goal = "-" if row["variant"] != "cached views" else ("PASS" if row["over_labels"] <= GOAL else "FAIL")
         print(f"| {row['variant']:21s} | {row['epoch_s']:7.3f} | {row['best_s']:6.3f} | {row['data_s']:6.3f} | "
               f"{row['over_labels']:9.3f} | {goal:12s} |")
+    items_us = report["per_item_us"]
+    print(f"per item (us, thread CPU, minima): dataset[i] {items_us['item']:.1f}, replayed {items_us['replayed item']:.1f} "
+          f"(+{items_us['replayed item'] - items_us['item']:.1f})")
     print(f"wrote {write_report(args.json, report)}")
     return 0
 

@@ -5,10 +5,20 @@ A dataset's random transforms draw from the process-wide generators of torch (CP
 ``dataset[i]`` makes the item a function of ``(seed, i, v)``: the dump stores the teacher's targets
 for exactly that input at row ``i * V + v``, and training replays the same input for that row. The
 generators' states are saved before and restored after, so the caller's randomness is untouched.
+A generator the dataset's items never draw from need not be seeded (an item is the same whatever the
+state of a generator it does not read), and seeding one costs 1-5 us against items of a few dozen:
+:func:`replay_items` learns which ones the items draw from, checking every batch (see there).
 
 Limit: randomness from elsewhere cannot be replayed (a CUDA generator, ``os.urandom``, a generator
 object the dataset owns, such as ``np.random.default_rng()`` made without a seed). The dump checks
 a few items by producing them twice (:func:`check_replayable`) and refuses a dataset that differs.
+An item that reads a global generator without advancing it (draws inside ``torch.random.fork_rng()``
+without seeding there, ``get_state`` then ``set_state``, ``torch.initial_seed()``) is not seen to draw
+from it, so :func:`replay_items` leaves that generator unseeded, in a fixed state: the item still
+replays identically (dump and training both see that state, unless other items draw from that
+generator, when which state it sees depends on what the process has learnt), but it is not the item of a cache dumped
+before replay learnt its generators (2026-12), which seeded all three; the fingerprint check of
+``cache.wrap`` (view 0 of every sample) reports such a cache as a dataset mismatch.
 
 Which view a sample shows in an epoch (training): :func:`default_view` gives each sample its V
 views in turn, from a per-sample starting point, so over V consecutive epochs every sample shows
@@ -20,7 +30,6 @@ datasets wrapped with a cache through the cache's sampler, which forwards ``set_
 from __future__ import annotations
 
 import contextlib
-import random
 import warnings
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -31,6 +40,7 @@ import torch
 
 from ..errors import DatasetError
 from ..format.identity import item_digest
+from . import replay_globals
 from .seeds import batch_seed_words
 
 #: How many items the dump produces twice to check that they replay.
@@ -53,34 +63,82 @@ def item_seeds(seed: int, index: int, view: int) -> tuple[int, int, int]:
 @contextlib.contextmanager
 def preserved_rng() -> Iterator[None]:
     """Restore the torch (CPU), numpy and Python generators to their states on entry."""
-    torch_state, numpy_state, python_state = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    states = replay_globals.snapshot()
     try:
         yield
     finally:
-        torch.set_rng_state(torch_state)
-        np.random.set_state(numpy_state)
-        random.setstate(python_state)
+        replay_globals.restore(states)
 
 
-def _seed_generators(torch_seed: int, numpy_seed: int, python_seed: int) -> None:
-    torch.default_generator.manual_seed(torch_seed)  # the CPU generator only: torch.manual_seed costs ~100 us (all devices)
-    np.random.seed(numpy_seed)
-    random.seed(python_seed)
+#: Per dataset, the generators its items were seen to draw from (indices into ``replay_globals.NAMES``).
+_DRAWS: weakref.WeakKeyDictionary[Any, frozenset[int]] = weakref.WeakKeyDictionary()
+
+
+def drawn_generators(dataset: Any) -> tuple[str, ...]:
+    """The generators :func:`replay_items` has seen ``dataset``'s items draw from (in this process), by name."""
+    return tuple(replay_globals.NAMES[k] for k in sorted(_seeded_for(dataset)))
+
+
+def _seeded_for(dataset: Any) -> frozenset[int]:
+    try:
+        return _DRAWS.get(dataset, frozenset())
+    except TypeError:  # not weakly referenceable or not hashable: nothing can be remembered, so seed all three
+        return replay_globals.ALL
+
+
+def _remember(dataset: Any, seeded: frozenset[int]) -> None:
+    with contextlib.suppress(TypeError):
+        _DRAWS[dataset] = seeded
 
 
 def replay_items(dataset: Any, indices: Sequence[int], views: Sequence[int], seed: int) -> list[Any]:
     """``dataset[i]`` for each ``(i, v)``, each produced with the generators seeded from ``(seed, i, v)``.
 
-    The batch's seeds come from one vectorised hash (:func:`~.seeds.batch_seed_words`, equal to
-    :func:`item_seeds` word for word): what is left per item is seeding the three generators (~10 us).
+    Only the generators the dataset's items draw from are seeded: a generator left unseeded is put in a
+    fixed state for the batch and checked after it, and if any item drew from it the batch is produced
+    again with it seeded too (and it stays seeded for this dataset, in this process). An item that draws
+    nothing from a generator is the same whatever that generator's state, so the items are bit for bit
+    those of seeding all three (:func:`item_seeds`), as dumps always did; a torchvision-style dataset
+    (torch only) pays one seed an item instead of three. A new process learns again (its first batch
+    that draws from a generator not yet seeded is produced twice). The batch's seeds come from one
+    vectorised hash (:mod:`.seeds`); the caller's states are restored after the batch (:mod:`.replay_globals`).
     """
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
-    words = batch_seed_words(seed, indices, views).tolist()
+    index_list, words = indices.tolist(), None
+    seeded = _seeded_for(dataset)
+    states = replay_globals.snapshot()
+    try:
+        while True:
+            if seeded and words is None:
+                words = batch_seed_words(seed, indices, views).tolist()
+            canaries = replay_globals.arm(replay_globals.ALL - seeded)
+            items = _produce(dataset, index_list, words, seeded)
+            drawn = replay_globals.drew(canaries)
+            if not drawn:
+                return items
+            seeded = seeded | drawn  # an item drew from a generator left unseeded: produce the batch again
+            _remember(dataset, seeded)
+    finally:
+        replay_globals.restore(states)
+
+
+def _produce(dataset: Any, indices: list[int], words: list[list[int]] | None, seeded: frozenset[int]) -> list[Any]:
+    if not seeded:
+        return [dataset[index] for index in indices]
     items = []
-    with preserved_rng():
-        for index, (torch_seed, numpy_seed, python_seed) in zip(indices.tolist(), words, strict=True):
-            _seed_generators(torch_seed, numpy_seed, python_seed)
+    if seeded == replay_globals.ALL:
+        seed_torch, seed_numpy, seed_python = replay_globals.SEEDERS
+        for index, (torch_seed, numpy_seed, python_seed) in zip(indices, words, strict=True):
+            seed_torch(torch_seed)
+            seed_numpy(numpy_seed)
+            seed_python(python_seed)
             items.append(dataset[index])
+        return items
+    seeders = [(replay_globals.SEEDERS[k], k) for k in sorted(seeded)]
+    for index, item_words in zip(indices, words, strict=True):
+        for seed_one, k in seeders:
+            seed_one(item_words[k])
+        items.append(dataset[index])
     return items
 
 
