@@ -23,7 +23,8 @@ in chunks (rows x V float32, ~256 MB), never all at once.
 **What runs, per vocab and id prior.** ``logit_cache.targets.encode`` gives the logical arrays of
 top-128 (top-16/50/64 are its first columns: ``torch.topk`` is sorted) and of sampled M=50 at Ts=1
 (a seeded generator), in float16; ids and counts are narrowed to the format's dtypes as the dump
-does. For each method and encoding (``plain``, ``compact``; zarr, and HDF5 for plain with the first
+does, and each top-k carries its ``topk_log_tail`` as the dump writes it (float32, from the float32
+logits). For each method and encoding (``plain``, ``compact``; zarr, and HDF5 for plain with the first
 id prior, uncompressed as the HDF5 backend stores) one shard is written through
 ``get_backend(...).create(path, stored_specs(...), chunk_rows, ...)`` with the dump's chunk rule
 (``logit_cache.format.chunk_and_shard_rows``), ``--batch-rows`` rows per ``append``, then ``close``.
@@ -36,9 +37,11 @@ id prior, uncompressed as the HDF5 backend stores) one shard is written through
 * **KL** and **TV**: KL(p || p^) and the total variation between the true distribution ``p`` (the
   softmax of the float32 logits) and the cache's reconstruction ``p^`` over all V ids, per token,
   averaged over the first ``--fidelity-tokens`` tokens. For top-k, ``p^`` is the decoded top-k
-  probabilities and the tail mass (1 - top-k mass, exact from logsumexp) spread evenly over the
-  other V - K ids: the loss's tail model (``targets.topk_log_probs``, recomputed here in float64 and
-  checked against it). For sampled, ``counts / M`` is unbiased but puts 0 on every id not drawn, so
+  probabilities and the stored tail mass ``topk_log_tail`` spread evenly over the other V - K ids,
+  the row total log sum exp(v) - log(1 - tail): the loss's tail model (``targets.topk_log_probs``
+  with the tail, recomputed here in float64; without a tail, 1 - the top-k mass from logsumexp,
+  checked against it), so a float16 or quantized cache is measured as the loss reads it, its tail
+  not lost to the cancellation of 1 - sum p in float32. For sampled, ``counts / M`` is unbiased but puts 0 on every id not drawn, so
   KL(p || counts/M) is infinite; ``p^`` is smoothed like the top-k tail instead: the unseen mass is
   the Good-Turing estimate ``u = n1 / M`` (n1 = ids drawn once; kept in [1/(2M), 1 - 1/(2M)]),
   spread evenly over the ids not drawn, and the drawn ids get ``(1 - u) * counts / M``. The rows'
@@ -121,12 +124,16 @@ def logical_arrays(raw: torch.Tensor, dtype: str, generator: torch.Generator) ->
     kmax = max(width for mode, width in METHODS if mode == "topk")
     top = {name: t.numpy() for name, t in encode(raw, "topk", kmax, dtype).arrays.items()}
     top["topk_indices"] = top["topk_indices"].astype(index_dtype(num_classes))
+    # each K's tail log-mass as the dump writes it (topk_log_tail: from the float32 logits, float64 sums)
+    wide = torch.topk(raw, kmax, dim=1).values.double().numpy() - top["logsumexp"].astype(np.float64)[:, None]
+    tail = np.exp(top["topk_log_tail"].astype(np.float64))[:, None] + np.cumsum(np.exp(wide[:, ::-1]), axis=1)[:, ::-1]
     out = {}
     for mode, width in METHODS:
         if mode == "topk":  # torch.topk is sorted: the top-k of K < kmax are the first K columns
+            log_tail = top["topk_log_tail"] if width == kmax else np.log(tail[:, width]).astype(np.float32)
             out[mode, width] = {"topk_logits": np.ascontiguousarray(top["topk_logits"][:, :width]),
                                 "topk_indices": np.ascontiguousarray(top["topk_indices"][:, :width]),
-                                "logsumexp": top["logsumexp"]}
+                                "logsumexp": top["logsumexp"], "topk_log_tail": log_tail}
         else:
             sampled = {name: t.numpy() for name, t in encode(raw, "sampled", None, dtype, m=width, generator=generator).arrays.items()}
             sampled["sampled_indices"] = sampled["sampled_indices"].astype(index_dtype(num_classes))
@@ -145,13 +152,21 @@ def _logsumexp(x: np.ndarray) -> np.ndarray:
     return top + np.log(np.exp(x - top[:, None]).sum(axis=1))
 
 
-def tail_model(values: np.ndarray, logsumexp: np.ndarray, temperature: float, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """``targets.topk_log_probs`` in float64 (numpy): log-probabilities of the top-k at T, and of the whole tail."""
-    v, lse = values.astype(np.float64), logsumexp.astype(np.float64)
+def tail_model(values: np.ndarray, logsumexp: np.ndarray, temperature: float, num_classes: int,
+               log_tail: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``targets.topk_log_probs`` in float64 (numpy): log-probabilities of the top-k at T, and of the whole tail.
+    With ``log_tail`` (the cache's ``topk_log_tail``) the tail is that one and the row total follows from it,
+    as the loss does; without, the tail is 1 - the top-k mass from ``logsumexp`` (older caches)."""
+    v = values.astype(np.float64)
     log_count = math.log(num_classes - v.shape[1])
     with np.errstate(divide="ignore"):
-        log_top = np.minimum(_logsumexp(v - lse[:, None]), 0.0)
-        log_tail = np.maximum(np.log(-np.expm1(log_top)), LOG_MASS_FLOOR)
+        if log_tail is None:
+            lse = logsumexp.astype(np.float64)
+            log_top = np.minimum(_logsumexp(v - lse[:, None]), 0.0)
+            log_tail = np.maximum(np.log(-np.expm1(log_top)), LOG_MASS_FLOOR)
+        else:
+            log_tail = np.clip(log_tail.astype(np.float64), LOG_MASS_FLOOR, 0.0)
+            lse = _logsumexp(v) - np.maximum(np.log(-np.expm1(log_tail)), LOG_MASS_FLOOR)
     scaled = v / temperature
     log_tail_t = log_count + (lse + log_tail - log_count) / temperature
     log_z = np.logaddexp(_logsumexp(scaled), log_tail_t)
@@ -191,7 +206,7 @@ def topk_fidelity(raw: torch.Tensor, moments: tuple, arrays: dict[str, np.ndarra
     num_classes, k = raw.shape[1], arrays["topk_indices"].shape[1]
     log_p = _gather_log_probs(raw, arrays["topk_indices"], lse, temperature)
     p = np.exp(log_p)
-    log_q, log_tail = tail_model(arrays["topk_logits"], arrays["logsumexp"], temperature, num_classes)
+    log_q, log_tail = tail_model(arrays["topk_logits"], arrays["logsumexp"], temperature, num_classes, arrays.get("topk_log_tail"))
     log_each = log_tail - math.log(num_classes - k)  # every tail id's log-probability in p^
     tail_mass = np.clip(1.0 - p.sum(axis=1), 0.0, None)
     kl = (p * (log_p - log_q)).sum(axis=1) + (neg_entropy - (p * log_p).sum(axis=1)) - tail_mass * log_each
@@ -239,8 +254,8 @@ def reconstruction_kl(reference: dict[str, np.ndarray], other: dict[str, np.ndar
     ids_b, values_b = _by_id(other["topk_indices"], other["topk_logits"])
     if not np.array_equal(ids_a, ids_b):
         raise RuntimeError("the two reconstructions hold different ids")
-    log_a, tail_a = tail_model(values_a, reference["logsumexp"], temperature, num_classes)
-    log_b, tail_b = tail_model(values_b, other["logsumexp"], temperature, num_classes)
+    log_a, tail_a = tail_model(values_a, reference["logsumexp"], temperature, num_classes, reference.get("topk_log_tail"))
+    log_b, tail_b = tail_model(values_b, other["logsumexp"], temperature, num_classes, other.get("topk_log_tail"))
     return (np.exp(log_a) * (log_a - log_b)).sum(axis=1) + np.exp(tail_a) * (tail_a - tail_b)
 
 

@@ -19,6 +19,7 @@ from zarr.errors import UnknownCodecError
 
 from logit_cache.errors import CorruptShardError, UsageError
 from logit_cache.store import ArraySpec, get_backend
+from logit_cache.store import entropy_chunks as chunks
 from logit_cache.store import entropy_codec as ec
 
 
@@ -100,36 +101,96 @@ def test_counts_round_trip(width: int) -> None:
 
 @pytest.mark.parametrize("levels", [31, 255, 1023])
 def test_quantized_logits_bounds(levels: int) -> None:
-    """The maximum exact; sqrt(p / p_max) of the others within half a level before the row's rescale,
-    and the other entries' mass sum_j exp(v_j - v_max) kept to float16 precision."""
+    """Every decoded value against the layout recomputed here: the maximum as float16 (where it was), the
+    others sqrt(p / p_max) rounded to 1/L_r (below half a level: 0.25/L_r; L_r = L 2^(-g/8) for the row's
+    g = floor(4 log2(1 + S))), times one factor per row, the other entries' mass S over the codes' own,
+    rounded to 2^-8 in log, never above the maximum."""
     rng = np.random.default_rng(levels)
     values = (rng.standard_exponential((400, 40)) * rng.uniform(0.3, 4, (400, 1))).astype(np.float32)
     values[:, 5] = values[:, 3]  # a tie with another entry
     values[0] = 7.0  # all equal
     values[1, :] = -1e3
-    values[1, 7] = 20.0  # one entry holds all the mass
+    values[1, 7] = 20.0  # one entry holds all the mass (S = 0)
+    values[2, :3] = 0.1  # ties with the maximum
     decoded = ec.decode_quantized_logits(ec.encode_quantized_logits(values, levels))
     assert decoded.dtype == np.float32 and decoded.shape == values.shape
-    np.testing.assert_array_equal(decoded.max(axis=1), values.max(axis=1))
-    first = np.argmax(values, axis=1)
-    np.testing.assert_array_equal(decoded[np.arange(len(values)), first], values.max(axis=1))  # exact, where it was
-    v, d = values.astype(np.float64), decoded.astype(np.float64)
+    v = values.astype(np.float64)
+    rows, first = np.arange(len(v)), np.argmax(values, axis=1)
     top = v.max(axis=1, keepdims=True)
-    mass, mass_decoded = np.exp(v - top).sum(axis=1), np.exp(d - top).sum(axis=1)
-    np.testing.assert_allclose(mass_decoded, mass, rtol=2e-3)
-    # the others: sqrt(p / p_max) rounded to 1/L (code 0 read as 0.25/L), then one factor per row
-    # (the float16 S over the codes' sum) except where that would pass the maximum
-    quantized = np.maximum(np.rint(np.exp((v - top) / 2) * levels), 0.25) / levels
-    ratio = np.exp((d - top) / 2) / quantized
-    others = np.ones(v.shape, bool)
-    others[np.arange(len(v)), first] = False
-    free = others & (d < top)
-    for row in range(len(v)):
-        if free[row].any() and not (others[row] & ~free[row]).any():
-            np.testing.assert_allclose(ratio[row, free[row]], ratio[row, free[row]][0], rtol=1e-5)
-    assert np.abs(quantized - np.exp((v - top) / 2))[others & (quantized > 0.3 / levels)].max() <= 0.5 / levels + 1e-9
+    top16 = top.astype(np.float16).astype(np.float64)
+    np.testing.assert_array_equal(decoded[rows, first], top16[:, 0])  # float16, where it was
+    w = np.exp(v - top)
+    w[rows, first] = 0.0
+    mass = w.sum(axis=1)
+    row_levels = levels * 2.0 ** (-np.minimum(np.floor(4 * np.log2(1 + mass)), 31) / 8)[:, None]  # rows of >= 24 values
+    assert row_levels.min() < 0.5 * levels and row_levels.max() == levels  # flat rows get fewer levels
+    q = np.maximum(np.rint(np.sqrt(w) * row_levels), 0.25) / row_levels
+    q[rows, first] = 0.0
+    with np.errstate(divide="ignore"):
+        step = np.rint((np.log(mass) - np.log(np.square(q).sum(axis=1))) * 256)
+        log_scale = np.where(mass > 0, step / 256, -700.0)
+        expected = top16 + np.minimum(np.log(np.square(q)) + log_scale[:, None], 0.0)
+    expected[rows, first] = top16[:, 0]
+    np.testing.assert_allclose(decoded, expected.astype(np.float32), rtol=0, atol=2e-5 * np.abs(top16).max())
+    # so the others' mass is S to 2^-9 (0.2%) where no entry was held at the maximum, and their sqrt(p / p_max)
+    # within half a level before the factor
+    with np.errstate(divide="ignore"):
+        held = ((np.log(np.square(q)) + log_scale[:, None]) >= 0).any(axis=1)
+    mass_decoded = np.exp(decoded.astype(np.float64) - top16).sum(axis=1) - 1
+    kept = ~held & (mass > 0)
+    assert kept.sum() > 350
+    np.testing.assert_allclose(mass_decoded[kept], mass[kept], rtol=2.5e-3)
+    big = np.broadcast_to(q > 0.3 / row_levels, q.shape)
+    assert (np.abs(q - np.sqrt(w)) * row_levels)[big].max() <= 0.5 + 1e-9
+    assert np.all(decoded[1, 8:] < -600) and np.all(decoded <= decoded[rows, first][:, None])
     with pytest.raises(ValueError, match="must be finite"):
         ec.encode_quantized_logits(np.array([[1.0, np.nan]], np.float32), 255)
+
+
+def test_quantized_logits_narrow_rows_use_the_same_levels_everywhere() -> None:
+    """Rows of fewer than 24 values: L levels in every row (no per-row level symbol)."""
+    rng = np.random.default_rng(4)
+    values = (rng.standard_exponential((200, 10)) * rng.uniform(0.3, 4, (200, 1))).astype(np.float16).astype(np.float32)
+    decoded = ec.decode_quantized_logits(ec.encode_quantized_logits(values, 100)).astype(np.float64)
+    v = values.astype(np.float64)
+    top = v.max(axis=1, keepdims=True)
+    q = np.maximum(np.rint(np.exp((v - top) / 2) * 100), 0.25)
+    # one factor per row (the S correction) times the codes' squares on the one grid of 100 levels
+    others = decoded < top
+    ratio = np.where(others, np.exp(decoded - top) / np.square(q / 100), np.nan)
+    spread = np.nanmax(ratio, axis=1) / np.nanmin(ratio, axis=1)
+    np.testing.assert_allclose(spread[np.isfinite(spread)], 1.0, rtol=1e-5)
+
+
+def test_quantized_logits_keep_float16_maxima_exact_and_float32_beyond() -> None:
+    """float16 values: the maximum exact; maxima beyond float16's range: stored float32, exact."""
+    rng = np.random.default_rng(5)
+    values = rng.normal(size=(64, 9)).astype(np.float16).astype(np.float32)
+    decoded = ec.decode_quantized_logits(ec.encode_quantized_logits(values, 127))
+    np.testing.assert_array_equal(decoded.max(axis=1), values.max(axis=1))
+    big = values + np.float32(1e5)
+    big[3, 2] = 1e5 + 70000.5  # a float32 maximum float16 cannot hold
+    decoded = ec.decode_quantized_logits(ec.encode_quantized_logits(big, 127))
+    np.testing.assert_array_equal(decoded.max(axis=1), big.max(axis=1))
+
+
+def test_quantized_rows_decode_alike_in_any_chunk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rows of many classes (flat and peaked) share a chunk's class streams: each decodes to what it
+    decodes to alone, and the classes' streams make the chunk smaller than one stream would."""
+    rng = np.random.default_rng(11)
+    sharp = np.exp(rng.normal(0.5, 0.8, (1500, 1)))
+    values = (rng.standard_exponential((1500, 30)) * sharp).astype(np.float32)
+    whole = ec.decode_quantized_logits(data := ec.encode_quantized_logits(values, 200))
+    for row in (0, 17, 150, 1499):
+        np.testing.assert_array_equal(ec.decode_quantized_logits(ec.encode_quantized_logits(values[row:row + 1], 200))[0], whole[row])
+    picked = rng.permutation(1500)[:40]
+    np.testing.assert_array_equal(ec.decode_quantized_logits(ec.encode_quantized_logits(values[picked], 200)), whole[picked])
+    classes = chunks._row_classes(np.rint(np.exp((values - values.max(1, keepdims=True)) / 2) * 200).astype(np.int64) + 1)
+    assert len(np.unique(classes)) >= 5
+    monkeypatch.setattr(chunks, "_CLASS_STEPS", 0)  # every row in class 0: one stream
+    single = ec.encode_quantized_logits(values, 200)
+    np.testing.assert_array_equal(ec.decode_quantized_logits(single), whole)
+    assert len(data) < 0.95 * len(single)
 
 
 def test_quantized_logits_single_column_and_empty() -> None:
@@ -224,11 +285,15 @@ def test_damaged_chunks_fail_their_checksum(tmp_path: Path) -> None:
 
 
 def test_other_layout_versions_are_refused_by_name() -> None:
-    """The first layout (b"LCE1", ANS streams) and foreign bytes: a clear error, never a decode."""
+    """The earlier layouts (b"LCE1": ANS streams; b"LCE2": values with their own tail sum, never released)
+    and foreign bytes: a clear error, never a decode."""
     data = ec.encode_sorted_ids(np.array([[1, 5, 9]]))
-    assert data[:4] == b"LCE2"
-    with pytest.raises(ValueError, match=r"layout version b'LCE1'; this logit-cache reads b'LCE2' only \(rewrite the cache"):
-        ec.decode_sorted_ids(b"LCE1" + data[4:])
+    assert data[:4] == b"LCE3"
+    for old in (b"LCE1", b"LCE2"):
+        with pytest.raises(ValueError, match=rf"layout version {old!r}; this logit-cache reads b'LCE3' only \(rewrite the cache"):
+            ec.decode_sorted_ids(old + data[4:])
+        with pytest.raises(ValueError, match=rf"layout version {old!r}"):
+            ec.decode_quantized_logits(old + ec.encode_quantized_logits(np.ones((2, 3), np.float32), 63)[4:])
     with pytest.raises(ValueError, match=r"not an entropy-coded logit-cache chunk \(it starts b'\\x00\\x01"):
         ec.decode_quantized_logits(bytes([0, 1, 2, 3]) + data[4:])
     with pytest.raises(ValueError, match="ends before its sections do"):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import zarr
 from data_factories import causal_bag, dump_digits, spec
 
 from logit_cache import DumpConfig, dump, open_cache, verify_cache
@@ -42,21 +43,32 @@ def _topk(logits: np.ndarray, k: int) -> dict[str, np.ndarray]:
 
 
 def _kl(a: dict[str, np.ndarray], b: dict[str, np.ndarray], vocab: int, temperature: float) -> np.ndarray:
-    """KL(p^_a || p^_b) at T over all V ids: the top-k at T, the tail (1 - top-k mass, from logsumexp)
-    spread evenly over the other V - k ids (the loss's tail model), computed here in float64."""
+    """KL(p^_a || p^_b) at T over all V ids, as the loss reads a cache (targets.topk_log_probs with the
+    stored tail), computed here in float64: the top-k at T, the tail log-mass ``topk_log_tail`` spread
+    evenly over the other V - k ids, the row total log sum exp(v) - log(1 - tail)."""
     out = []
     for arrays in (a, b):
         order = np.argsort(arrays["topk_indices"], axis=1)
         v = np.take_along_axis(arrays["topk_logits"].astype(np.float64), order, 1)
-        lse = arrays["logsumexp"].astype(np.float64)[:, None]
         k = v.shape[1]
-        tail = np.maximum(1 - np.exp(v - lse).sum(1), 1e-300)
-        log_tail_t = math.log(vocab - k) + (np.log(tail) - math.log(vocab - k)) / temperature
+        log_tail = np.clip(arrays["topk_log_tail"].astype(np.float64), -80.0, 0.0)
+        lse = (np.log(np.exp(v - v.max(1, keepdims=True)).sum(1)) + v.max(1) - np.log(-np.expm1(log_tail)))[:, None]
+        log_tail_t = math.log(vocab - k) + (log_tail - math.log(vocab - k)) / temperature
         scaled = (v - lse) / temperature
         z = np.logaddexp(np.log(np.exp(scaled).sum(1)), log_tail_t)
         out.append((scaled - z[:, None], log_tail_t - z))
     (la, ta), (lb, tb) = out
     return (np.exp(la) * (la - lb)).sum(1) + np.exp(ta) * (ta - tb)
+
+
+def _check_logsumexp(decoded: dict[str, np.ndarray], logical: dict[str, np.ndarray]) -> None:
+    """The derived logsumexp: the decoded top-k plus the exact tail sum to 1, and it is the dumped one up
+    to the values' rounding."""
+    v, lse = decoded["topk_logits"].astype(np.float64), decoded["logsumexp"].astype(np.float64)
+    total = np.exp(v - lse[:, None]).sum(1) + np.exp(decoded["topk_log_tail"].astype(np.float64))
+    np.testing.assert_allclose(total, 1.0, rtol=2e-5)
+    np.testing.assert_allclose(decoded["logsumexp"], logical["logsumexp"], rtol=0, atol=0.05)
+    assert decoded["logsumexp"].dtype == np.float32
 
 
 @pytest.mark.parametrize(("vocab", "k"), [(131072, 50), (32768, 128), (1000, 10)])
@@ -73,9 +85,43 @@ def test_topk_fidelity_within_the_goals(vocab: int, k: int) -> None:
     np.testing.assert_array_equal(np.sort(decoded["topk_indices"], 1), np.sort(logical["topk_indices"], 1))
     assert np.all(np.diff(decoded["topk_logits"], axis=1) <= 0)  # descending again
     assert decoded["topk_indices"].dtype == logical["topk_indices"].dtype
-    np.testing.assert_array_equal(decoded["topk_logits"][:, 0], logical["topk_logits"][:, 0])  # the maximum exact
+    # the maximum as float16 (the row shifted alike: no probability changes), the tail exact
+    np.testing.assert_array_equal(decoded["topk_logits"][:, 0], logical["topk_logits"][:, 0].astype(np.float16))
+    np.testing.assert_array_equal(decoded["topk_log_tail"], logical["topk_log_tail"])
+    assert "logsumexp" not in stored
+    _check_logsumexp(decoded, logical)
     kl1, kl2 = _kl(logical, decoded, vocab, 1.0).mean(), _kl(logical, decoded, vocab, 2.0).mean()
     assert 0 <= kl1 <= 1e-4 and 0 <= kl2 <= 1e-2, (kl1, kl2)
+
+
+def test_tail_derived_where_none_is_given_and_logsumexp_never_stored(tmp_path: Path) -> None:
+    """A caller without topk_log_tail: the tail the loss would derive (from logsumexp), stored exact; a
+    plain zarr read of the shard finds the coded arrays and the tail, and no logsumexp."""
+    vocab, k = 5000, 12
+    logical = _topk(_logits(300, vocab, seed=9), k)
+    given = {name: a for name, a in logical.items() if name != "topk_log_tail"}
+    stored = encode_arrays("topk", given, "entropy", vocab)
+    wide = logical["topk_logits"].astype(np.float64) - logical["logsumexp"].astype(np.float64)[:, None]
+    with np.errstate(divide="ignore"):  # the top-k mass as the loss derives it: at most 1, the tail floored at -80
+        expected = np.maximum(np.log(-np.expm1(np.minimum(np.log(np.exp(wide).sum(1)), 0.0))), -80.0)
+    np.testing.assert_allclose(stored["topk_log_tail"], expected, rtol=1e-6)
+    assert stored["topk_log_tail"].dtype == np.float32 and "logsumexp" not in stored
+    with pytest.raises(UsageError, match="needs topk_log_tail, or logsumexp to derive it from"):
+        encode_arrays("topk", {n: logical[n] for n in ("topk_logits", "topk_indices")}, "entropy", vocab)
+    specs = stored_specs("topk", k, vocab, "float32", "entropy")
+    assert [spec.name for spec in specs] == ["topk_logits", "topk_indices", "topk_log_tail"]
+    writer = get_backend("zarr").create(tmp_path / "s.zarr", specs, 128, {}, {s.name: 300 for s in specs})
+    writer.append(stored)
+    writer.close()
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="r")
+    assert sorted(group.array_keys()) == ["topk_indices", "topk_log_tail", "topk_logits"]
+    np.testing.assert_array_equal(group["topk_indices"][:], stored["topk_indices"])
+    np.testing.assert_array_equal(group["topk_log_tail"][:], stored["topk_log_tail"])
+    decoded = decode_arrays("topk", {name: group[name][:] for name in group.array_keys()}, "entropy", vocab, "float32")
+    _check_logsumexp(decoded, logical)
+    assert _kl(logical, decoded, vocab, 1.0).mean() <= 1e-4
+    # the sampled kind keeps its logsumexp (lossless rows: nothing to derive it from)
+    assert "logsumexp" in [spec.name for spec in stored_specs("sampled", 8, vocab, "float32", "entropy")]
 
 
 def test_empty_tail_and_v2() -> None:
@@ -135,7 +181,8 @@ def _token_dump(tmp_path: Path, teacher: Path, name: str, **kw) -> Path:
 
 
 def _compare_topk(plain: dict[str, np.ndarray], coded: dict[str, np.ndarray], vocab: int) -> None:
-    np.testing.assert_array_equal(coded["logsumexp"], plain["logsumexp"])
+    np.testing.assert_array_equal(coded["topk_log_tail"], plain["topk_log_tail"])
+    _check_logsumexp(coded, plain)
     np.testing.assert_array_equal(np.sort(coded["topk_indices"], 1), np.sort(plain["topk_indices"], 1))
     assert coded["topk_indices"].dtype == plain["topk_indices"].dtype
     assert _kl(plain, coded, vocab, 1.0).mean() <= 1e-4 and _kl(plain, coded, vocab, 2.0).mean() <= 1e-2

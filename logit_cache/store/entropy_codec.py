@@ -13,34 +13,41 @@ A codec sees one chunk of one array, so every array is self-contained:
 ``logit_cache.sorted_ids`` (integer [rows, W])
     Each row: strictly ascending ids, then zero padding (top-k rows as ``targets/entropy.py`` stores
     them; sampled rows as they are). Coded per row: the row's length n, then its gaps g_0 = s_0,
-    g_j = s_j - s_{j-1} - 1 as log-scale buckets (categorical, one model per position class
-    0, 1, 2-3, 4-7, ...: gaps grow along a row, and with frequency-sorted vocabularies the first ids
-    are small) plus the bits below each bucket's leading bits, uniform.
+    g_j = s_j - s_{j-1} - 1 as log-scale buckets (categorical, one model per position class: half
+    octaves 0, 1, 2, 3, 4-5, 6-7, 8-10, ... where every row is full (top-k), octaves 0, 1, 2-3, 4-7,
+    ... where rows are ragged (sampled); gaps grow along a row, and with frequency-sorted
+    vocabularies the first ids are small) plus the bits below each bucket's leading bits, uniform.
 ``logit_cache.counts`` (integer [rows, W])
     Each row: positive counts then zeros. A row's kind (its count n, and whether it sums to W, as
     sampled counts do, which makes its last count implied) is one categorical symbol; counts - 1
     are bucketed like gaps.
 ``logit_cache.quantized_logits`` (float [rows, W], configuration ``levels`` L)
-    Lossy, self-contained per row: the row's maximum v_max (exact: float16 for the chunk where every
-    maximum is a float16, else float32; its first position marked by code 0), codes
-    c_j = round(L * exp((v_j - v_max) / 2)) + 1: levels spaced evenly in sqrt(p / p_max), the spacing
-    that costs the same KL per entry at T=1 (``targets/compact.py`` explains why), bucketed like gaps;
-    and S = sum over the other entries of exp(v_j - v_max), stored as round((log S - log S^) / 2^-24),
-    S^ the codes' own sum (a small integer, zigzag-coded; 0 for S = 0). Decoding rescales the other
-    entries' exp(v^_j - v_max) to sum to S, so the row's top-k mass and hence its tail mass (1 - top-k
-    mass, exact from logsumexp) survive to float32 precision: a confident token's tail of 1e-5 is not
-    lost to rounding (with S in float16 it was: KL at T=2 of several nats on such rows).
+    Lossy, self-contained per row: the row's maximum v_max as float16 (exact for float16 values; float32
+    values are shifted by its rounding, < 2^-11 relative, which changes no probability; float32 for a
+    chunk where a maximum overflows float16; its first position marked by code 0), and codes
+    c_j = round(L_r * exp((v_j - v_max) / 2)) + 1: levels spaced evenly in sqrt(p / p_max), the spacing
+    that costs the same KL per entry at T=1 (``targets/compact.py`` explains why), bucketed like gaps.
+    L_r = L 2^(-g/8), g = floor(4 log2(1 + S)) (S = sum over the other entries of exp(v_j - v_max), so
+    1 / (1 + S) is the row's top-k-normalised maximum): an entry's KL, p_max / (6 L_r^2), is then alike
+    in every row. Each row's symbol names g and its class, floor(3 log2 of its median code); the codes
+    of the rows of one class form one stream (a flat row's codes and a peaked row's have different
+    models). log S is kept to 2^-8 as a zigzag-coded correction to the codes' own sum, and decoding gives
+    v_max + 2 log((c_j - 1) / L_r) + that correction (code 1: 0.25 for c_j - 1), never above v_max.
+    The row's top-k mass is *not* kept to float32 here: the top-k encoding keeps the tail exact in
+    ``topk_log_tail`` and derives the logsumexp from it and these values (``targets/entropy.py``), so
+    the values' own sum needs little side data (layout ``LCE2`` stored log S to 2^-24: 2.4 B a row).
 
-Symbol streams (row lengths, bucket symbols per group) are one byte a symbol (two where a stream
-spans more than 256 values) compressed by zstd (numcodecs, which zarr depends on): its Huffman/FSE
-literal coder is the per-chunk static model (within ~1% of the histogram's entropy here) and its
-matches catch repeats. The raw low bits are packed as they are. Both decode vectorised (zstd in C, the
-bits by one unaligned 64-bit load per field), ~10x faster than the first layout's ANS streams
-(``constriction``, one binary search a symbol). A chunk is decoded whole; its rows are then
+Symbol streams (row lengths, bucket symbols per group) are one byte a symbol (two where a stream spans more
+than 256 values) compressed by zstd (numcodecs, which zarr depends on; level 3, the value streams 11): its
+Huffman literal coder is the per-chunk static model (within 1-3% of the histogram's entropy on id streams;
+5-10% on the value streams, with their Huffman tables and skewed symbols, the one-bit floor of a code: ~2 B
+a row at top-50) and its matches catch repeats. The raw low bits are packed as they are. Both decode
+vectorised (zstd in C, the bits by one unaligned 64-bit load per field), ~10x faster than the first layout's
+ANS streams (``constriction``, one binary search a symbol). A chunk is decoded whole; its rows are then
 independent (any subset, any order, are the same rows).
 
-Chunk bytes: ``b"LCE2"`` (the layout version; other versions are refused naming it), uint32 header
-length, the zlib-compressed header (int64 fields: shapes, per stream its smallest symbol, span, mode
+Chunk bytes: ``b"LCE3"`` (the layout version, ``entropy_bits.MAGIC``; other versions are refused naming
+it), uint32 header length, the zlib-compressed header (int64 fields: shapes, per stream its smallest symbol, span, mode
 and byte length), then the sections in order. zstd frames are a stable format (RFC 8878), so a chunk
 reads the same with any zstd version.
 """
@@ -54,6 +61,7 @@ import numpy as np
 from zarr.abc.codec import ArrayBytesCodec
 from zarr.core.buffer import Buffer, NDBuffer
 
+from .entropy_bits import pack_bits, unpack_bits
 from .entropy_chunks import (
     decode_counts,
     decode_quantized_logits,
@@ -61,8 +69,6 @@ from .entropy_chunks import (
     encode_counts,
     encode_quantized_logits,
     encode_sorted_ids,
-    pack_bits,
-    unpack_bits,
 )
 
 __all__ = ["CODECS", "LOSSY_CODECS", "CountsCodec", "QuantizedLogitsCodec", "SortedIdsCodec", "decode_counts",
