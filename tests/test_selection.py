@@ -58,11 +58,12 @@ def test_taken_only_where_measured_faster() -> None:
     assert blocked(wide, 64) and blocked(wide.double(), 64)
     assert not blocked(wide.bfloat16(), 64)  # bfloat16 reductions on a CPU: slower
     assert not blocked(torch.zeros(1, 1000), 10)  # narrow rows: torch.topk is faster
+    assert not blocked(torch.zeros(1, 32_768), 64) and blocked(torch.zeros(1, 32_768), 32)
 
 
 @pytest.mark.parametrize("k", [8, 64])
 def test_topk_encoding_matches_a_float64_reference(k: int) -> None:
-    columns = 40_000  # wide enough for the blocked path at both k
+    columns = 70_001  # wide enough for the blocked path at both k, with a short last block
     logits = torch.randn(5, columns, generator=torch.Generator().manual_seed(k)) * 3
     logits[0, :k] += 40  # a confident row: the tail is ~1e-13 of the mass
     logits[3, 17] = float("-inf")
