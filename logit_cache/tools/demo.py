@@ -1,4 +1,4 @@
-"""``logit-cache demo``: why cache a teacher's logits, measured in a couple of minutes on two CPU cores.
+"""``logit-cache demo``: why cache a teacher's logits, measured in about a minute and a half on two CPU cores.
 
 The story, on the built-in digits data with random augmentation (``DigitsDataset(augment=True)``):
 
@@ -51,7 +51,7 @@ STUDENT_KWARGS = {"hidden": 32, "depth": 1}
 #: A teacher whose forward costs thousands of times the student's in FLOPs and far more than the
 #: student's whole training step in time, as the teachers that KD is used with do. Its size is set by
 #: the speed-up claim: an epoch of cached KD with replayed views costs the augmentation and the
-#: replay's per-item seeding (about 2.5x a labels-only epoch today), so online KD is >= 5x slower only
+#: replay's per-item seeding (about 2x a labels-only epoch on the demo's student), so online KD is >= 5x slower only
 #: with a teacher of ~1 ms a sample; depth 2 (half the cost) is enough once the replay is as cheap as labels.
 TEACHER_KWARGS = {"hidden": 4096, "depth": 3}
 #: A wide MLP fits the clean digits in a few epochs; larger batches and a lower lr than the scripts' teacher.
@@ -59,7 +59,7 @@ TEACHER_TRAINING = {"epochs": 3, "batch_size": 128, "lr": 1e-3}
 #: T=2 was within 0.15 points of the best T for the cached views and online KD (augment_evidence).
 TEMPERATURE = 2.0
 VIEWS = 8
-EPOCHS = 15
+EPOCHS = 10
 SEEDS = 3
 #: The rows of the table, in order, under the names demo.json uses.
 LABELS, CLEAN, REPLAYED, ONLINE = "labels only", "cached KD, 1 clean view", "cached KD, replayed views", "online KD"
